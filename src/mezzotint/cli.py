@@ -1,0 +1,96 @@
+"""The `mezzotint` command: argument parsing that calls library functions."""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_MODEL = Path(__file__).parent / "weights" / "default"
+
+
+class UsageError(Exception):
+    """Bad input from the command line: one line to the user, exit code 2."""
+
+
+def default_model() -> Path:
+    if not (DEFAULT_MODEL / "model.json").is_file():
+        raise UsageError("no built-in default model is installed in this build; pass --model PATH "
+                         "(make one with `mezzotint new-model tiny --output PATH`, or train one)")
+    return DEFAULT_MODEL
+
+
+def finite_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text}")
+    return v
+
+
+def add_generation_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation")
+    g.add_argument("--negative-prompt", default="", metavar="TEXT", help="what to steer away from")
+    g.add_argument("--seed", type=int, default=0, help="image k of a batch uses seed+k (default 0)")
+    g.add_argument("--steps", type=int, help="denoising steps (model default, usually 20)")
+    g.add_argument("--sampler", help="sampler name, see `mezzotint samplers` (model default)")
+    g.add_argument("--karras", action="store_true", default=None, help="use Karras sigma spacing")
+    g.add_argument("--eta", type=finite_float, default=0.0, help="ddim noise, 0..1 (default 0)")
+    g.add_argument("--cfg", type=finite_float, help="guidance scale (model default); 1 = no guidance")
+    g.add_argument("--width", type=int, help="pixels, a multiple of the autoencoder factor")
+    g.add_argument("--height", type=int, help="pixels, a multiple of the autoencoder factor")
+    r = p.add_argument_group("model and device")
+    r.add_argument("--model", type=Path, help="model folder or .safetensors file (default: built-in)")
+    r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                   help="where to run (auto: the best device present)")
+    r.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="precision (default float32 on CPU, float16 on CUDA)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mezzotint", description="Text-to-image latent diffusion.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="make images from a prompt",
+                       description="Make images from a text prompt. Paths written go to stdout.")
+    g.add_argument("prompt", nargs="?", help="what to draw")
+    g.add_argument("--prompt-file", type=Path, metavar="FILE",
+                   help="one prompt a line, one image each, written as 0000.png, 0001.png, ... into --output")
+    g.add_argument("--batch", type=int, default=1, help="images per forward pass (default 1)")
+    g.add_argument("--output", type=Path, default=Path("outputs"),
+                   help="folder (default ./outputs) or, for one image, a .png path")
+    add_generation_args(g)
+
+    sub.add_parser("samplers", help="list the samplers")
+
+    r = sub.add_parser("reproduce", help="regenerate an image from its metadata and compare pixels")
+    r.add_argument("image", type=Path)
+    r.add_argument("--model", type=Path, help="model to use instead of the one recorded")
+    r.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"])
+    r.add_argument("--output", type=Path, help="also write the regenerated image here")
+
+    n = sub.add_parser("new-model", help="write a model with random weights from a preset (for tests or training)")
+    n.add_argument("preset", help="preset name")
+    n.add_argument("--output", type=Path, required=True)
+    n.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from . import commands
+    args = build_parser().parse_args(argv)
+    try:
+        return getattr(commands, args.command.replace("-", "_"))(args)
+    except UsageError as e:
+        print(f"mezzotint: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mezzotint: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""What each CLI command does. Checks every input before loading any weights."""
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+from .cli import UsageError, default_model
+
+
+def _model_config(path: Path | None):
+    from .checkpoints import ModelError, read_config
+    path = path or default_model()
+    try:
+        return path, read_config(path)
+    except ModelError as e:
+        raise UsageError(str(e)) from None
+
+
+def _writable_target(out: Path) -> None:
+    """Fail now, creating nothing, if `out` could not be written later."""
+    probe = out if out.suffix.lower() != ".png" else out.parent
+    if probe.exists() and not probe.is_dir():
+        raise UsageError(f"output {probe} exists and is not a folder")
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"output not writable: {out} ({probe} does not allow writing)")
+
+
+def _read_prompts(file: Path) -> list[str]:
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read prompt file {file}: {e}") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise UsageError(f"prompt file {file} holds no prompts")
+    return prompts
+
+
+def _output_paths(out: Path, n: int, numbered_from_zero: bool) -> list[Path]:
+    if out.suffix.lower() == ".png":
+        if numbered_from_zero:
+            raise UsageError("--prompt-file writes a folder of images: give --output a folder, not a .png")
+        return [out] if n == 1 else [out.with_name(f"{out.stem}-{k:04d}.png") for k in range(n)]
+    start = 0
+    if not numbered_from_zero and out.is_dir():
+        taken = [int(m.group(1)) for p in out.iterdir() if (m := re.fullmatch(r"(\d+)\.png", p.name))]
+        start = max(taken, default=-1) + 1
+    return [out / f"{start + k:04d}.png" for k in range(n)]
+
+
+def generate(args) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from .metadata import save_png
+    from .pipeline import Pipeline, check_request, defaults_for, resolve_device, resolve_dtype
+
+    # 1. check everything cheap first: prompts, model files, request, device, output
+    if (args.prompt is None) == (args.prompt_file is None):
+        raise UsageError("give a PROMPT or --prompt-file, not both or neither")
+    prompts = _read_prompts(args.prompt_file) if args.prompt_file else [args.prompt] * args.batch
+    if args.batch < 1:
+        raise UsageError(f"--batch must be >= 1, got {args.batch}")
+    model_path, cfg = _model_config(args.model)
+    req = defaults_for(cfg, prompts[0], negative_prompt=args.negative_prompt, seed=args.seed,
+                       steps=args.steps, sampler=args.sampler, cfg=args.cfg, width=args.width,
+                       height=args.height, karras=args.karras, eta=args.eta)
+    try:
+        check_request(req, cfg)
+        device = resolve_device(args.device)
+        resolve_dtype(args.dtype, device)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    _writable_target(args.output)
+    paths = _output_paths(args.output, len(prompts), args.prompt_file is not None)
+
+    # 2. load once, then generate in batches; image i always gets seed + i
+    pipe = Pipeline.load(model_path, device=args.device, dtype=args.dtype)
+    bar = tqdm(total=len(prompts) * req.steps, desc="generating", unit="step", file=sys.stderr,
+               disable=os.environ.get("MEZZOTINT_NO_PROGRESS") == "1")
+    Path(paths[0]).parent.mkdir(parents=True, exist_ok=True)
+    for i in range(0, len(prompts), args.batch):
+        chunk = prompts[i:i + args.batch]
+        step_req = req.for_image(i)
+        results = pipe(step_req, chunk, callback=lambda info: bar.update(len(chunk)))
+        for k, res in enumerate(results):
+            path = save_png(res.image, paths[i + k], pipe.record(res.request))
+            print(path, flush=True)
+    bar.close()
+    del torch
+    return 0
+
+
+def samplers(args) -> int:
+    from .diffusion import SAMPLERS
+    for name, fn in SAMPLERS.items():
+        doc = (fn.__doc__ or "").strip().splitlines()
+        print(f"{name:10s} {doc[0] if doc else ''}")
+    return 0
+
+
+def reproduce(args) -> int:
+    import numpy as np
+
+    from .metadata import read_record, save_png
+    from .pipeline import Pipeline, Request, check_request
+
+    try:
+        record = read_record(args.image)
+        req = Request(**record["request"])
+    except (ValueError, TypeError, KeyError) as e:
+        raise UsageError(f"{e}") from None
+    model_path = args.model or Path(record["model"]["path"])
+    model_path, cfg = _model_config(model_path)
+    try:
+        check_request(req, cfg)
+    except ValueError as e:
+        raise UsageError(f"recorded request is invalid: {e}") from None
+    pipe = Pipeline.load(model_path, device=args.device, dtype=record.get("dtype"))
+    if pipe.model_hash != record["model"]["sha256"]:
+        print(f"warning: model hash {pipe.model_hash[:10]} differs from the recorded "
+              f"{record['model']['sha256'][:10]}", file=sys.stderr)
+    [res] = pipe(req)
+    from PIL import Image
+    with Image.open(args.image) as im:
+        old = np.asarray(im.convert("RGB"), dtype=np.int16)
+    new = np.asarray(res.image, dtype=np.int16)
+    if args.output:
+        print(save_png(res.image, args.output, pipe.record(req)))
+    if old.shape != new.shape:
+        print(f"differs: size {old.shape[1]}x{old.shape[0]} vs {new.shape[1]}x{new.shape[0]}")
+        return 1
+    diff = np.abs(old - new)
+    if diff.max() == 0:
+        print(f"match: all {old.shape[0] * old.shape[1]} pixels identical")
+        return 0
+    print(f"differs: {int((diff.max(axis=2) > 0).sum())} of {old.shape[0] * old.shape[1]} pixels, "
+          f"max difference {int(diff.max())}/255, mean {diff.mean():.4f}")
+    return 1
+
+
+def new_model(args) -> int:
+    import torch
+
+    from .checkpoints import save_model
+    from .config import PRESETS
+    from .unet import UNet
+    from .vae import AutoencoderKL
+    if args.preset not in PRESETS:
+        raise UsageError(f"unknown preset {args.preset!r}; allowed: {', '.join(PRESETS)}")
+    _writable_target(args.output)
+    cfg = PRESETS[args.preset]
+    torch.manual_seed(args.seed)
+    print(save_model(args.output, UNet(cfg.unet), AutoencoderKL(cfg.vae), cfg))
+    return 0

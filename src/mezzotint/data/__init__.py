@@ -1,0 +1,1 @@
+"""Datasets: the Shapes world (`shapes`, `phrasing`), folders of captioned images, shards."""

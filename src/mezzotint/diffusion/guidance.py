@@ -1,0 +1,78 @@
+"""Classifier-free guidance, written once over the denoiser output.
+
+Ho & Salimans 2022, eq. 6: eps~ = eps(x, c_empty) + w (eps(x, c) - eps(x, c_empty)).
+For a fixed (x, sigma), x0 = x - sigma * eps is affine in eps with the same coefficients
+for both passes, so the same combination on x0 predictions is exactly the same guidance.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _pad_dim1(v: Tensor, length: int) -> Tensor:
+    # Zeros for embeddings, False for boolean masks: padded tokens are masked out.
+    extra = length - v.shape[1]
+    if extra == 0:
+        return v
+    pad = v.new_zeros((v.shape[0], extra, *v.shape[2:]))
+    return torch.cat([v, pad], dim=1)
+
+
+def _expand(v, batch: int):
+    # A condition given once (batch 1) applies to every row.
+    if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == 1 and batch > 1:
+        return v.expand(batch, *v.shape[1:])
+    return v
+
+
+class CFGDenoiser:
+    """D_cfg(x, sigma) = D(x, sigma, **uncond) + scale * (D(x, sigma, **cond) - D(x, sigma, **uncond))."""
+
+    def __init__(self, denoiser, cond: dict, uncond: dict, scale: float, batch_together: bool = True):
+        if set(cond) != set(uncond):
+            raise ValueError(f"cond and uncond need the same keys, got {sorted(cond)} and {sorted(uncond)}")
+        self.denoiser = denoiser
+        self.cond = dict(cond)
+        self.uncond = dict(uncond)
+        self.scale = float(scale)
+        self.batch_together = batch_together
+
+    def _joint(self, batch: int) -> dict | None:
+        """cond and uncond as one 2B-row dict [uncond; cond], or None if they cannot share a pass."""
+        joint = {}
+        has_mask = any(torch.is_tensor(v) and v.dtype == torch.bool for v in self.cond.values())
+        has_mask = has_mask and any(torch.is_tensor(v) and v.dtype == torch.bool for v in self.uncond.values())
+        for k in self.cond:
+            u, c = _expand(self.uncond[k], batch), _expand(self.cond[k], batch)
+            if not (torch.is_tensor(u) and torch.is_tensor(c)):
+                if torch.is_tensor(u) or torch.is_tensor(c) or u != c:
+                    return None  # non-tensor options that differ: run two passes
+                joint[k] = c
+                continue
+            if u.ndim >= 2 and u.shape[1] != c.shape[1]:
+                if not has_mask:
+                    return None  # zero padding would be attended to without a mask
+                length = max(u.shape[1], c.shape[1])
+                u, c = _pad_dim1(u, length), _pad_dim1(c, length)
+            if u.shape[1:] != c.shape[1:]:
+                raise ValueError(f"cond[{k!r}] {tuple(c.shape)} and uncond[{k!r}] {tuple(u.shape)} do not match")
+            joint[k] = torch.cat([u, c], dim=0)
+        return joint
+
+    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
+        batch = x.shape[0]
+        sigma = torch.as_tensor(sigma, device=x.device)
+        if sigma.ndim == 0:
+            sigma = sigma.expand(batch)
+        if self.scale == 1.0:
+            # uncond + 1 * (cond - uncond) = cond: skip the unconditional pass.
+            return self.denoiser(x, sigma, **{k: _expand(v, batch) for k, v in self.cond.items()})
+        joint = self._joint(batch) if self.batch_together else None
+        if joint is not None:
+            out = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **joint)
+            x0_uncond, x0_cond = out.chunk(2)
+        else:
+            x0_uncond = self.denoiser(x, sigma, **{k: _expand(v, batch) for k, v in self.uncond.items()})
+            x0_cond = self.denoiser(x, sigma, **{k: _expand(v, batch) for k, v in self.cond.items()})
+        return x0_uncond + self.scale * (x0_cond - x0_uncond)

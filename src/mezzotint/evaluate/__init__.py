@@ -1,0 +1,1 @@
+"""Evaluation: the Shapes prompt-adherence judge (`judge`) and benchmarks."""

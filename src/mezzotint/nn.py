@@ -1,0 +1,113 @@
+"""Shared layers: timestep embedding, ResBlock, attention, resampling.
+
+Parameter names follow diffusers' UNet2DConditionModel / AutoencoderKL so that
+Stable Diffusion weights map onto these modules by renaming keys, not by rewriting
+math. Attention goes through `scaled_dot_product_attention`, so flash and
+memory-efficient kernels are used where the device has them.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding (Vaswani et al. 2017), cos first (diffusers flip_sin_to_cos=True, shift 0)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]  # (B, half)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepMLP(nn.Module):
+    def __init__(self, dim: int, out: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(dim, out)
+        self.linear_2 = nn.Linear(out, out)
+
+    def forward(self, x):
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice with a skip (Ho et al. 2020); optional timestep shift."""
+
+    def __init__(self, cin: int, cout: int, groups: int, temb: int | None = None,
+                 eps: float = 1e-5, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, cin, eps=eps)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb, cout) if temb else None
+        self.norm2 = nn.GroupNorm(groups, cout, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
+
+    def forward(self, x, emb=None):
+        h = self.conv1(F.silu(self.norm1(x)))
+        if self.time_emb_proj is not None:
+            h = h + self.time_emb_proj(F.silu(emb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return skip + h
+
+
+class Attention(nn.Module):
+    """Multi-head attention; self-attention when `context` is None."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None = None,
+                 qkv_bias: bool = False):
+        super().__init__()
+        inner = heads * head_dim
+        kv_dim = context_dim or dim
+        self.heads = heads
+        self.to_q = nn.Linear(dim, inner, bias=qkv_bias)
+        self.to_k = nn.Linear(kv_dim, inner, bias=qkv_bias)
+        self.to_v = nn.Linear(kv_dim, inner, bias=qkv_bias)
+        self.to_out = nn.ModuleList([nn.Linear(inner, dim)])
+
+    def forward(self, x, context=None, mask=None):
+        # x: (B, N, dim); context: (B, L, context_dim); mask: (B, L) bool, True = attend
+        B, N, _ = x.shape
+        q = self.to_q(x)
+        if context is None:
+            k, v = self.to_k(x), self.to_v(x)
+        else:
+            # row by row: a short context makes a small-M matmul whose kernel (and rounding)
+            # changes with the batch size; per row, image k of a batch equals a batch of one
+            k = torch.stack([self.to_k(c) for c in context])
+            v = torch.stack([self.to_v(c) for c in context])
+        q, k, v = (t.view(B, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2)
+                   for t in (q, k, v))  # (B, heads, N|L, d)
+        attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, L)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, N, d)
+        out = out.transpose(1, 2).reshape(B, N, -1)
+        return self.to_out[0](out)
+
+
+class Downsample(nn.Module):
+    """Stride-2 conv. `asymmetric` pads right/bottom only, as the KL autoencoder does."""
+
+    def __init__(self, ch: int, asymmetric: bool = False):
+        super().__init__()
+        self.asymmetric = asymmetric
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=0 if asymmetric else 1)
+
+    def forward(self, x):
+        if self.asymmetric:
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 then a 3x3 conv (avoids checkerboard artefacts of transposed convs)."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))

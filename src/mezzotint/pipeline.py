@@ -1,0 +1,195 @@
+"""Text to image as numbered steps over loaded parts.
+
+img2img and inpainting reuse these step functions rather than copies of them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import checkpoints
+from .config import ModelConfig
+from .diffusion import SAMPLERS, CFGDenoiser, Denoiser, generators, get_sigmas, randn
+from .text import TextEncoder, load_text_encoder
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class Request:
+    """Everything that decides an image, given the model. Stored in each PNG."""
+    prompt: str
+    negative_prompt: str = ""  # replaces the empty prompt as guidance's unconditional branch
+    seed: int = 0  # image k of a batch uses seed + k
+    steps: int = 20
+    sampler: str = "dpmpp_2m"
+    cfg: float = 5.0  # guidance scale; 1 disables guidance
+    width: int = 64
+    height: int = 64
+    karras: bool = False  # Karras et al. (2022) sigma spacing instead of the model's own
+    eta: float = 0.0  # ddim only: 0 deterministic, 1 ancestral
+
+    def for_image(self, k: int) -> "Request":
+        return replace(self, seed=self.seed + k)
+
+
+def defaults_for(cfg: ModelConfig, prompt: str, **overrides) -> Request:
+    d = cfg.defaults
+    base = dict(sampler=d.sampler, steps=d.steps, cfg=d.cfg, karras=d.karras, width=d.width, height=d.height)
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    return Request(prompt=prompt, **base)
+
+
+def check_request(req: Request, cfg: ModelConfig) -> None:
+    """Raise ValueError naming what is wrong and what is allowed. Cheap: runs before any model work."""
+    f = cfg.vae.factor
+    if req.sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {req.sampler!r}; allowed: {', '.join(SAMPLERS)}")
+    if not isinstance(req.steps, int) or req.steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {req.steps!r}")
+    if req.steps > cfg.scheduler.num_train_timesteps:
+        raise ValueError(f"steps must be <= {cfg.scheduler.num_train_timesteps}, got {req.steps}")
+    if not math.isfinite(req.cfg):
+        raise ValueError(f"cfg must be a finite number, got {req.cfg}")
+    for name in ("width", "height"):
+        v = getattr(req, name)
+        if not isinstance(v, int) or v < f or v % f:
+            raise ValueError(f"{name} must be a positive multiple of {f} (the autoencoder's factor), got {v}")
+    if not 0 <= req.seed <= MAX_SEED:
+        raise ValueError(f"seed must be in [0, {MAX_SEED}], got {req.seed}")
+    if not (math.isfinite(req.eta) and req.eta >= 0):
+        raise ValueError(f"eta must be a finite number >= 0, got {req.eta}")
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
+        raise ValueError(f"unknown device {device!r}; allowed: auto, cpu, cuda, mps")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device cuda asked for, but this PyTorch sees no CUDA device")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError("device mps asked for, but it is not available")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+@dataclass
+class Result:
+    image: Image.Image
+    request: Request  # this image's own request (its own seed)
+    latent: torch.Tensor = field(repr=False)
+
+
+class Pipeline:
+    def __init__(self, unet, vae, text: TextEncoder, config: ModelConfig, device, dtype,
+                 path: str | None = None):
+        self.unet, self.vae, self.text, self.config = unet, vae, text, config
+        self.device, self.dtype, self.path = torch.device(device), dtype, path
+        self.denoiser = Denoiser(unet, config.scheduler)
+        self._hash = None
+
+    @classmethod
+    def load(cls, path, device="auto", dtype: str | None = None) -> "Pipeline":
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        unet, vae, cfg = checkpoints.load_model(path, dev, dt)
+        # fp16 overflows in the autoencoder's decoder (a known SD issue); keep it in fp32
+        if dt == torch.float16:
+            vae = vae.float()
+        base = Path(path) if Path(path).is_dir() else Path(path).parent
+        text_dtype = dt if dev.type != "cpu" else torch.float32
+        text = load_text_encoder(cfg.text, base, dev, text_dtype)
+        return cls(unet, vae, text, cfg, dev, dt, str(path))
+
+    @property
+    def model_hash(self) -> str:
+        if self._hash is None:
+            self._hash = checkpoints.model_hash(self.path) if self.path else "0" * 64
+        return self._hash
+
+    # -- the steps --------------------------------------------------------------------------
+
+    def encode_prompts(self, prompts: list[str], negative: str):
+        """Step 1: conditional and unconditional embeddings (the negative prompt is the latter)."""
+        ctx, mask = self.text.encode(prompts)
+        uctx, umask = self.text.encode([negative] * len(prompts))
+        cond = {"context": ctx.to(self.device), "context_mask": mask.to(self.device)}
+        uncond = {"context": uctx.to(self.device), "context_mask": umask.to(self.device)}
+        return cond, uncond
+
+    def sigmas(self, req: Request) -> torch.Tensor:
+        """Step 2: the noise levels the sampler walks down, ending at 0."""
+        return get_sigmas(self.config.scheduler, req.steps, karras=req.karras).float().to(self.device)
+
+    def initial_latent(self, req: Request, gens: list, sigma_max: float) -> torch.Tensor:
+        """Step 3: seeded noise, drawn on the CPU so every device starts from the same latent.
+
+        One generator per image; the sampler goes on drawing from the same ones, so image k
+        depends on seed + k alone.
+        """
+        f, c = self.config.vae.factor, self.config.unet.out_channels
+        shape = (len(gens), c, req.height // f, req.width // f)
+        noise = randn(shape, gens, self.device, torch.float32)
+        # the marginal of unit-variance latents at sigma has std sqrt(1 + sigma^2)
+        return noise * math.sqrt(1.0 + sigma_max**2)
+
+    def denoise(self, x, sigmas, req: Request, cond, uncond, gens, callback=None, extra=None):
+        """Step 4: run the sampler over the guided denoiser."""
+        guided = CFGDenoiser(self.denoiser, cond, uncond, req.cfg)
+        options = {"eta": req.eta} if req.sampler == "ddim" else {}
+        with torch.inference_mode():
+            return SAMPLERS[req.sampler](guided, x, sigmas, extra=extra, generator=gens,
+                                         callback=callback, **options)
+
+    def decode(self, latent: torch.Tensor) -> list[Image.Image]:
+        """Step 5: latents to 8-bit RGB images.
+
+        One image at a time: peak memory stays that of one image, and each image's pixels do
+        not depend on what else was in the batch (conv kernels differ between batch 1 and 2+).
+        """
+        with torch.inference_mode():
+            vae_dtype = next(self.vae.parameters()).dtype
+            x = torch.cat([self.vae.decode(z[None].to(vae_dtype)).float() for z in latent])
+        x = ((x + 1) * 127.5).clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return [Image.fromarray(np.ascontiguousarray(a)) for a in x]
+
+    # -- the public call ---------------------------------------------------------------------
+
+    def __call__(self, req: Request, prompts: list[str] | None = None, callback=None) -> list[Result]:
+        """Text to image. `prompts` (default: [req.prompt]) is the batch; image k gets seed + k."""
+        prompts = [req.prompt] if prompts is None else list(prompts)
+        check_request(req, self.config)
+        cond, uncond = self.encode_prompts(prompts, req.negative_prompt)
+        sigmas = self.sigmas(req)
+        gens = generators(req.seed, len(prompts))
+        x = self.initial_latent(req, gens, float(sigmas[0]))
+        latent = self.denoise(x, sigmas, req, cond, uncond, gens, callback)
+        images = self.decode(latent)
+        return [Result(img, replace(req.for_image(k), prompt=p), latent[k].cpu())
+                for k, (img, p) in enumerate(zip(images, prompts))]
+
+    def record(self, req: Request) -> dict:
+        """The JSON record stored in each PNG: enough to make the same image again."""
+        from . import __version__
+        return {"request": asdict(req),
+                "model": {"name": self.config.name, "path": self.path, "sha256": self.model_hash},
+                "device": self.device.type, "dtype": str(self.dtype).removeprefix("torch."),
+                "mezzotint": __version__}

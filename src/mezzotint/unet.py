@@ -1,0 +1,189 @@
+"""The cross-attention UNet (Rombach et al. 2022, "latent diffusion"), architecture only.
+
+Levels go down by stride-2 convs and up by nearest upsampling, with skip connections
+between them; at the levels named in the config every ResBlock is followed by a
+transformer that attends to itself and, through cross-attention, to the text.
+Module names match diffusers' UNet2DConditionModel (see nn.py).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import UNetConfig
+from .nn import Attention, Downsample, ResBlock, TimestepMLP, Upsample, timestep_embedding
+
+
+class GEGLU(nn.Module):
+    """Gated GELU feed-forward input (Shazeer 2020)."""
+
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner * 2)
+
+    def forward(self, x):
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.net = nn.ModuleList([GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim)])
+
+    def forward(self, x):
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm self-attention, cross-attention on the text, feed-forward."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads, head_dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, heads, head_dim, context_dim=context_dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x, context, mask=None):
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context, mask)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Flattens a feature map to tokens, runs transformer blocks, and adds it back."""
+
+    def __init__(self, ch: int, heads: int, head_dim: int, context_dim: int, depth: int,
+                 groups: int, linear: bool):
+        super().__init__()
+        inner = heads * head_dim
+        self.linear = linear
+        self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
+        self.proj_in = nn.Linear(ch, inner) if linear else nn.Conv2d(ch, inner, 1)
+        self.transformer_blocks = nn.ModuleList(
+            TransformerBlock(inner, heads, head_dim, context_dim) for _ in range(depth))
+        self.proj_out = nn.Linear(inner, ch) if linear else nn.Conv2d(inner, ch, 1)
+
+    def forward(self, x, context, mask=None):
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        if not self.linear:
+            h = self.proj_in(h)
+        h = h.permute(0, 2, 3, 1).reshape(B, H * W, -1)  # (B, HW, inner)
+        if self.linear:
+            h = self.proj_in(h)
+        for block in self.transformer_blocks:
+            h = block(h, context, mask)
+        if self.linear:
+            h = self.proj_out(h)
+        h = h.reshape(B, H, W, -1).permute(0, 3, 1, 2)  # (B, inner, H, W)
+        if not self.linear:
+            h = self.proj_out(h)
+        return x + h
+
+
+class Level(nn.Module):
+    """One resolution level: ResBlocks, each optionally followed by a transformer."""
+
+    def __init__(self, resnets: list[ResBlock], attentions: list[nn.Module] | None,
+                 resample: nn.Module | None, name: str):
+        super().__init__()
+        self.resnets = nn.ModuleList(resnets)
+        self.attentions = nn.ModuleList(attentions) if attentions else None
+        if resample is not None:
+            setattr(self, name, nn.ModuleList([resample]))
+        self._resample = name if resample is not None else None
+
+    def resample(self, x):
+        return getattr(self, self._resample)[0](x) if self._resample else x
+
+    def block(self, j, x, emb, context, mask):
+        x = self.resnets[j](x, emb)
+        if self.attentions is not None:
+            x = self.attentions[j](x, context, mask)
+        return x
+
+
+class UNet(nn.Module):
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        ch0 = cfg.channels
+        widths = [ch0 * m for m in cfg.channel_mult]
+        temb = ch0 * 4
+        L = len(widths)
+
+        def transformer(ch):
+            heads = cfg.num_heads or ch // cfg.head_dim
+            return SpatialTransformer(ch, heads, ch // heads, cfg.context_dim, cfg.transformer_depth,
+                                      cfg.groups, cfg.linear_proj)
+
+        def res(cin, cout):
+            return ResBlock(cin, cout, cfg.groups, temb=temb, dropout=cfg.dropout)
+
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch0, 3, padding=1)
+        self.time_embedding = TimestepMLP(ch0, temb)
+
+        skips = [ch0]  # channels of every tensor the down path hands to the up path
+        self.down_blocks = nn.ModuleList()
+        ch = ch0
+        for i, w in enumerate(widths):
+            resnets, attns = [], []
+            for _ in range(cfg.num_res_blocks):
+                resnets.append(res(ch, w))
+                attns.append(transformer(w))
+                ch = w
+                skips.append(ch)
+            last = i == L - 1
+            self.down_blocks.append(Level(resnets, attns if i in cfg.attention_levels else None,
+                                          None if last else Downsample(ch), "downsamplers"))
+            if not last:
+                skips.append(ch)
+
+        self.mid_block = Level([res(ch, ch), res(ch, ch)], [transformer(ch)], None, "")
+
+        self.up_blocks = nn.ModuleList()
+        for i, w in reversed(list(enumerate(widths))):
+            resnets, attns = [], []
+            for _ in range(cfg.num_res_blocks + 1):
+                resnets.append(res(ch + skips.pop(), w))
+                attns.append(transformer(w))
+                ch = w
+            self.up_blocks.append(Level(resnets, attns if i in cfg.attention_levels else None,
+                                        Upsample(ch) if i > 0 else None, "upsamplers"))
+
+        self.conv_norm_out = nn.GroupNorm(cfg.groups, ch)
+        self.conv_out = nn.Conv2d(ch, cfg.out_channels, 3, padding=1)
+
+    def forward(self, x, t, context, context_mask=None):
+        """x: (B, C, h, w) latent; t: (B,) timesteps (float allowed); context: (B, L, D)."""
+        t = t.reshape(-1)
+        if bool((t == t[0]).all()):
+            # one embedding broadcast over the batch: also keeps row k of a batch bit-identical
+            # to a batch of one, since small-M matmuls take other kernels as M changes
+            t = t[:1]
+        emb = self.time_embedding(timestep_embedding(t, self.cfg.channels).to(x.dtype))
+        context = context.to(x.dtype)
+        h = self.conv_in(x)
+        skips = [h]
+        for level in self.down_blocks:
+            for j in range(len(level.resnets)):
+                h = level.block(j, h, emb, context, context_mask)
+                skips.append(h)
+            if level._resample:
+                h = level.resample(h)
+                skips.append(h)
+        h = self.mid_block.resnets[0](h, emb)
+        h = self.mid_block.attentions[0](h, context, context_mask)
+        h = self.mid_block.resnets[1](h, emb)
+        for level in self.up_blocks:
+            for j in range(len(level.resnets)):
+                h = level.block(j, torch.cat([h, skips.pop()], dim=1), emb, context, context_mask)
+            h = level.resample(h)
+        return self.conv_out(F.silu(self.conv_norm_out(h)))

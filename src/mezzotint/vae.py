@@ -1,0 +1,140 @@
+"""The KL autoencoder (Rombach et al. 2022, appendix G): images <-> latents.
+
+The encoder predicts a diagonal Gaussian over z; the UNet works on
+latent = (z - shift_factor) * scaling_factor, both fields of VAEConfig.
+Module names match diffusers' AutoencoderKL (see nn.py).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import VAEConfig
+from .nn import Attention, Downsample, ResBlock, Upsample
+
+
+class MidAttention(Attention):
+    """Single-head self-attention over all pixels, with its own GroupNorm and a residual."""
+
+    def __init__(self, ch: int, groups: int):
+        super().__init__(ch, 1, ch, qkv_bias=True)
+        self.group_norm = nn.GroupNorm(groups, ch, eps=1e-6)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = self.group_norm(x).view(B, C, H * W).transpose(1, 2)  # (B, HW, C)
+        h = super().forward(h).transpose(1, 2).reshape(B, C, H, W)
+        return x + h
+
+
+class Mid(nn.Module):
+    def __init__(self, ch: int, groups: int, attention: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResBlock(ch, ch, groups, eps=1e-6), ResBlock(ch, ch, groups, eps=1e-6)])
+        self.attentions = nn.ModuleList([MidAttention(ch, groups)]) if attention else None
+
+    def forward(self, x):
+        x = self.resnets[0](x)
+        if self.attentions is not None:
+            x = self.attentions[0](x)
+        return self.resnets[1](x)
+
+
+class Block(nn.Module):
+    def __init__(self, resnets, resample, name):
+        super().__init__()
+        self.resnets = nn.ModuleList(resnets)
+        self._name = name if resample is not None else None
+        if resample is not None:
+            setattr(self, name, nn.ModuleList([resample]))
+
+    def forward(self, x):
+        for r in self.resnets:
+            x = r(x)
+        return getattr(self, self._name)[0](x) if self._name else x
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        widths = [cfg.channels * m for m in cfg.channel_mult]
+        self.conv_in = nn.Conv2d(cfg.in_channels, widths[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList()
+        ch = widths[0]
+        for i, w in enumerate(widths):
+            resnets = []
+            for _ in range(cfg.num_res_blocks):
+                resnets.append(ResBlock(ch, w, cfg.groups, eps=1e-6))
+                ch = w
+            last = i == len(widths) - 1
+            self.down_blocks.append(Block(resnets, None if last else Downsample(ch, asymmetric=True),
+                                          "downsamplers"))
+        self.mid_block = Mid(ch, cfg.groups, cfg.mid_attention)
+        self.conv_norm_out = nn.GroupNorm(cfg.groups, ch, eps=1e-6)
+        self.conv_out = nn.Conv2d(ch, 2 * cfg.latent_channels, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for block in self.down_blocks:
+            h = block(h)
+        h = self.mid_block(h)
+        return self.conv_out(F.silu(self.conv_norm_out(h)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        widths = [cfg.channels * m for m in cfg.channel_mult][::-1]
+        ch = widths[0]
+        self.conv_in = nn.Conv2d(cfg.latent_channels, ch, 3, padding=1)
+        self.mid_block = Mid(ch, cfg.groups, cfg.mid_attention)
+        self.up_blocks = nn.ModuleList()
+        for i, w in enumerate(widths):
+            resnets = []
+            for _ in range(cfg.num_res_blocks + 1):
+                resnets.append(ResBlock(ch, w, cfg.groups, eps=1e-6))
+                ch = w
+            last = i == len(widths) - 1
+            self.up_blocks.append(Block(resnets, None if last else Upsample(ch), "upsamplers"))
+        self.conv_norm_out = nn.GroupNorm(cfg.groups, ch, eps=1e-6)
+        self.conv_out = nn.Conv2d(ch, cfg.in_channels, 3, padding=1)
+
+    def forward(self, z):
+        h = self.mid_block(self.conv_in(z))
+        for block in self.up_blocks:
+            h = block(h)
+        return self.conv_out(F.silu(self.conv_norm_out(h)))
+
+
+class AutoencoderKL(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        c = cfg.latent_channels
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.quant_conv = nn.Conv2d(2 * c, 2 * c, 1)
+        self.post_quant_conv = nn.Conv2d(c, c, 1)
+
+    def encode_dist(self, x):
+        """x in [-1, 1], (B, 3, H, W) -> (mean, logvar) of z, each (B, c, H/f, W/f)."""
+        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def encode(self, x, generator=None):
+        """Image in [-1, 1] -> UNet latent. The mean of q(z|x) unless a generator asks for a sample."""
+        mean, logvar = self.encode_dist(x)
+        z = mean
+        if generator is not None:
+            from .diffusion.noise import randn
+            z = mean + torch.exp(0.5 * logvar) * randn(mean.shape, generator, mean.device, mean.dtype)
+        return (z - self.cfg.shift_factor) * self.cfg.scaling_factor
+
+    def decode(self, latent):
+        """UNet latent -> image in about [-1, 1]."""
+        z = latent / self.cfg.scaling_factor + self.cfg.shift_factor
+        return self.decoder(self.post_quant_conv(z))
+
+    def forward(self, x):
+        return self.decode(self.encode(x))
