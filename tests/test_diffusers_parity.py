@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 
 diffusers = pytest.importorskip("diffusers")
+# diffusers' schedulers call np.array on torch tensors, which numpy 2 warns about
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 from mezzotint.config import SchedulerConfig  # noqa: E402
 from mezzotint.diffusion import SAMPLERS, Denoiser, generators, get_sigmas, randn  # noqa: E402

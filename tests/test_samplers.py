@@ -58,20 +58,26 @@ def test_registry():
         sampler_help("plms")
 
 
+@pytest.mark.parametrize("karras", [False, True])
 @pytest.mark.parametrize("name,opts", DETERMINISTIC)
-def test_deterministic_samplers_solve_the_ode(name, opts):
-    errs = [ode_error(name, opts, n) for n in (5, 10, 20, 40)]
+def test_deterministic_samplers_solve_the_ode(name, opts, karras):
+    # Every schedule ends with a jump from its last sigma to 0 (the last step returns
+    # D(x)), which bounds the accuracy: sigma(t=12) ~ 0.1 for trailing at 80 steps, the
+    # table's sigma_min ~ 0.03 for Karras.
+    errs = [ode_error(name, opts, n, karras) for n in (10, 20, 40, 80)]
     assert all(b < a for a, b in zip(errs, errs[1:])), errs
-    assert errs[-1] < 2e-2, errs
+    second_order = name in ("heun", "dpmpp_2m")
+    assert errs[-1] < (1e-3 if karras and second_order else 5e-2), errs
 
 
-def test_second_order_beats_euler():
-    for n in (10, 20):
-        e = ode_error("euler", {}, n)
-        assert ode_error("heun", {}, n) < e / 4
-        assert ode_error("dpmpp_2m", {}, n) < e / 4
-    assert ode_error("heun", {}, 40) < 2e-3
-    assert ode_error("dpmpp_2m", {}, 40) < 2e-3
+@pytest.mark.parametrize("karras", [False, True])
+def test_second_order_beats_euler(karras):
+    for n in (10, 20, 40):
+        e = ode_error("euler", {}, n, karras)
+        for name in ("heun", "dpmpp_2m"):
+            assert ode_error(name, {}, n, karras) < (0.5 if karras else 0.6) * e
+    if karras:
+        assert ode_error("heun", {}, 40, True) < 0.2 * ode_error("euler", {}, 40, True)
 
 
 def test_ddim_eta0_is_euler():
@@ -89,18 +95,32 @@ def sample_stats(name, opts, sigmas, seed=0):
     return x.mean().item(), x.std().item()
 
 
+def ancestral_chain_std(sigmas):
+    """Exact std of the discrete ancestral chain with the ideal denoiser (a linear Gaussian recursion).
+
+    Each step x' = r^2 x + (1 - r^2) D(x) + sigma' sqrt(1 - r^2) z, r = sigma'/sigma, keeps the
+    mean at mu but drops the posterior spread of x0 ((1 - r^2)^2 Var[x0 | x]), so the std
+    reaches s only as steps grow (first order in the step size).
+    """
+    s = sigmas.tolist()
+    var = S**2 + s[0] ** 2
+    for sig, nxt in zip(s[:-1], s[1:]):
+        k, r2 = S**2 / (S**2 + sig**2), (nxt / sig) ** 2
+        var = (r2 + (1 - r2) * k) ** 2 * var + nxt**2 * (1 - r2)
+    return math.sqrt(var)
+
+
 @pytest.mark.parametrize("name,opts", STOCHASTIC)
 @pytest.mark.parametrize("karras", [False, True])
 def test_stochastic_samplers_reach_the_data_distribution(name, opts, karras):
-    mean, std = sample_stats(name, opts, get_sigmas(CFG, 50, karras=karras))
-    # sampling error of 8192 draws: ~0.009 on the mean, ~1% on the std
-    assert mean == pytest.approx(MU, abs=0.03)
-    assert std == pytest.approx(S, rel=0.04)
-
-
-@pytest.mark.parametrize("name,opts", DETERMINISTIC)
-def test_karras_sigmas_with_deterministic_samplers(name, opts):
-    assert ode_error(name, opts, 40, karras=True) < 2e-2
+    # sampling error of 8192 draws: ~0.009 on the mean, ~0.8% on the std
+    for steps in (50, 500):
+        sigmas = get_sigmas(CFG, steps, karras=karras)
+        mean, std = sample_stats(name, opts, sigmas)
+        assert mean == pytest.approx(MU, abs=0.03)
+        assert std == pytest.approx(ancestral_chain_std(sigmas), rel=0.025)
+    assert std == pytest.approx(S, rel=0.03)
+    assert ancestral_chain_std(get_sigmas(CFG, 500, karras=karras)) == pytest.approx(S, rel=0.015)
 
 
 def test_ddpm_equals_ddim_eta1():

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 diffusers = pytest.importorskip("diffusers")
+# diffusers' schedulers call np.array on torch tensors, which numpy 2 warns about
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 from mezzotint.config import SchedulerConfig  # noqa: E402
 from mezzotint.diffusion import (  # noqa: E402

@@ -147,3 +147,31 @@ def model_hash(path) -> str:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
     return h.hexdigest()
+
+
+def save_vae(folder, vae, cfg) -> Path:
+    """An autoencoder on its own (what `train-vae` makes): vae.json + vae.safetensors."""
+    import dataclasses
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(folder / "vae.safetensors", lambda tmp: save_file(_state(vae), tmp))
+    meta = json.dumps({"format": FORMAT + "-vae", "config": dataclasses.asdict(cfg)}, indent=1)
+    atomic_write(folder / "vae.json", lambda tmp: Path(tmp).write_text(meta))
+    return folder
+
+
+def load_vae(path, device="cpu", dtype=torch.float32) -> AutoencoderKL:
+    """The autoencoder of a model folder, or of a folder written by save_vae."""
+    from .config import VAEConfig, from_dict
+    path = Path(path)
+    if (path / "vae.json").is_file():
+        text = (path / "vae.json").read_text()
+        try:
+            cfg = from_dict(VAEConfig, json.loads(text)["config"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise ModelError(f"{path / 'vae.json'}: bad autoencoder config: {e}") from None
+    else:
+        cfg = read_config(path).vae
+    file = path / "vae.safetensors"
+    _check_tensors(file)
+    return _build(AutoencoderKL, cfg, load_file(file), "VAE", path, device, dtype)

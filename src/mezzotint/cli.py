@@ -50,6 +50,30 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
                    help="precision (default float32 on CPU, float16 on CUDA)")
 
 
+def add_training_args(p: argparse.ArgumentParser, unet: bool) -> None:
+    import dataclasses
+
+    from .config import TrainConfig
+    p.add_argument("--run-dir", dest="run", required=True,
+                   help="run folder (checkpoints, log.jsonl, samples/); a rerun resumes from it")
+    p.add_argument("--data", default="shapes",
+                   help="'shapes' (the built-in world), a folder of images with .txt captions, or .tar shards")
+    p.add_argument("--preset", default="shapes", help="architecture preset for a new model (default shapes)")
+    p.add_argument("--init", help="start from this model (fine-tuning)" if unet else "start from this autoencoder")
+    if unet:
+        p.add_argument("--vae", help="trained autoencoder folder (from train-vae) or model folder")
+        p.add_argument("--prediction", choices=["eps", "v"], help="what the UNet predicts (preset default)")
+    p.add_argument("--stop-after", type=int, metavar="N",
+                   help="train at most N more steps in this invocation, then checkpoint and exit")
+    o = p.add_argument_group("optimisation")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ("run", "data"):
+            continue
+        kind = type(f.default)
+        o.add_argument("--" + f.name.replace("_", "-"), type=finite_float if kind is float else kind,
+                       default=f.default, help=f"default {f.default}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mezzotint", description="Text-to-image latent diffusion.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -71,6 +95,23 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", type=Path, help="model to use instead of the one recorded")
     r.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"])
     r.add_argument("--output", type=Path, help="also write the regenerated image here")
+
+    for name, what in (("train-vae", "train the autoencoder"), ("train", "train the UNet (text encoder frozen)")):
+        t = sub.add_parser(name, help=what, description=f"{what[0].upper()}{what[1:]}. Re-running the same "
+                           "command resumes from the run folder's latest checkpoint.")
+        add_training_args(t, unet=name == "train")
+
+    e = sub.add_parser("eval", help="judge a model on the Shapes world prompt set (GenEval-style table)",
+                       description="Render the Shapes world prompt set through a model, check every image "
+                       "against its caption on the pixels, and print accuracy per category.")
+    e.add_argument("--per-category", type=int, default=50, help="prompts per category (default 50)")
+    e.add_argument("--phrasing", choices=["canonical", "heldout"], default="canonical",
+                   help="canonical captions, or phrasings that training never used")
+    e.add_argument("--prompt-seed", type=int, default=0, help="which prompt set (default 0)")
+    e.add_argument("--batch", type=int, default=8, help="images per forward pass (default 8)")
+    e.add_argument("--json", type=Path, metavar="FILE", help="write per-image verdicts here")
+    e.add_argument("--save-images", type=Path, metavar="DIR", help="also keep the images")
+    add_generation_args(e)
 
     n = sub.add_parser("new-model", help="write a model with random weights from a preset (for tests or training)")
     n.add_argument("preset", help="preset name")

@@ -122,9 +122,36 @@ PRESETS: dict[str, ModelConfig] = {
         name="tiny",
     ),
     "shapes": ModelConfig(
-        unet=UNetConfig(channels=64, channel_mult=(1, 2, 2), num_res_blocks=2,
-                        attention_levels=(1, 2), head_dim=32),
-        vae=VAEConfig(channels=64, channel_mult=(1, 2, 4), num_res_blocks=1),
+        unet=UNetConfig(channels=32, channel_mult=(1, 2, 4), num_res_blocks=1,
+                        attention_levels=(1, 2), head_dim=32, groups=16),
+        vae=VAEConfig(channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, groups=16),
+        scheduler=SchedulerConfig(prediction_type="v"),
         name="shapes",
     ),
 }
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    run: str = "runs/default"  # run folder: checkpoints, log.jsonl, samples/; a rerun resumes here
+    data: str = "shapes"  # "shapes", a folder of images with same-name .txt captions, or .tar shards (glob)
+    size: int = 64  # training image side in pixels
+    steps: int = 10_000  # optimizer steps
+    batch: int = 32  # images per process per micro-step
+    accum: int = 1  # micro-steps per optimizer step (gradient accumulation)
+    lr: float = 2e-4  # AdamW peak learning rate
+    warmup: int = 200  # linear warm-up steps, then cosine decay to lr_min
+    lr_min: float = 0.1  # final learning rate as a fraction of lr
+    weight_decay: float = 0.0  # AdamW weight decay
+    clip: float = 1.0  # gradient norm clip (0 = off)
+    ema: float = 0.999  # EMA decay of the weights that get saved as the model
+    precision: str = "fp32"  # "fp32" | "bf16" | "fp16" (autocast; fp16 only on CUDA)
+    caption_dropout: float = 0.1  # share of captions replaced by "" (classifier-free guidance)
+    snr_gamma: float = 5.0  # min-SNR loss weighting (Hang et al. 2023); 0 = plain MSE
+    kl_weight: float = 1e-6  # VAE only: weight of the KL term
+    ckpt_every: int = 500  # steps between checkpoints
+    sample_every: int = 1000  # steps between sample grids (0 = never)
+    log_every: int = 10  # steps between log.jsonl lines
+    keep: int = 2  # checkpoints kept
+    seed: int = 0  # data order, noise and initialisation
+    threads: int = 0  # torch threads per process (0 = leave as is)

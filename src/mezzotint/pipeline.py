@@ -39,8 +39,9 @@ class Request:
         return replace(self, seed=self.seed + k)
 
 
-def defaults_for(cfg: ModelConfig, prompt: str, **overrides) -> Request:
-    d = cfg.defaults
+def defaults_for(model: ModelConfig, prompt: str, **overrides) -> Request:
+    """A request with the model's defaults where `overrides` gives None."""
+    d = model.defaults
     base = dict(sampler=d.sampler, steps=d.steps, cfg=d.cfg, karras=d.karras, width=d.width, height=d.height)
     base.update({k: v for k, v in overrides.items() if v is not None})
     return Request(prompt=prompt, **base)

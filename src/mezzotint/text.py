@@ -94,6 +94,30 @@ class TextEncoder(nn.Module):
                     cache[key] = self._encode_chunk(chunk)
                 parts.append(cache[key])
             rows.append(torch.cat(parts, dim=0))
+        return self._stack(rows)
+
+    @torch.no_grad()
+    def encode_batch(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like encode, in one padded forward pass: faster, for training, where the last bit
+        of batch invariance does not matter."""
+        chunked = [self.tokenize(p) for p in prompts]
+        flat = [c for cs in chunked for c in cs]
+        n = self.window if self.cfg.kind == "clip" else max(len(c) for c in flat)
+        ids = torch.full((len(flat), n), self._pad_id(), dtype=torch.long)
+        mask = torch.zeros(len(flat), n, dtype=torch.bool)
+        for i, c in enumerate(flat):
+            ids[i, : len(c)] = torch.tensor(c)
+            mask[i, : len(c)] = True
+        keep = torch.ones_like(mask) if self.cfg.kind == "clip" else mask
+        hidden = self._run(ids.to(self.device), keep.to(self.device))
+        rows, k = [], 0
+        for cs in chunked:
+            rows.append(torch.cat([hidden[k + j][keep[k + j]] for j in range(len(cs))]))
+            k += len(cs)
+        return self._stack(rows)
+
+    def _stack(self, rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pad per-prompt (n_i, D) embeddings to (B, L, D) with a mask of the real tokens."""
         L = max(r.shape[0] for r in rows)
         out = rows[0].new_zeros(len(rows), L, self.dim)
         mask = torch.zeros(len(rows), L, dtype=torch.bool, device=out.device)

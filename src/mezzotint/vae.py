@@ -136,5 +136,8 @@ class AutoencoderKL(nn.Module):
         z = latent / self.cfg.scaling_factor + self.cfg.shift_factor
         return self.decoder(self.post_quant_conv(z))
 
-    def forward(self, x):
-        return self.decode(self.encode(x))
+    def forward(self, x, noise=None):
+        """Training pass: (reconstruction through a sample of q(z|x), mean, logvar)."""
+        mean, logvar = self.encode_dist(x)
+        z = mean if noise is None else mean + torch.exp(0.5 * logvar) * noise
+        return self.decoder(self.post_quant_conv(z)), mean, logvar

@@ -249,7 +249,7 @@ def parse_caption(text: str) -> Facts:
     s = _BG_RE.sub(" ", s).strip(" ,")
     s = _PREFIX_RE.sub("", s)
     for phrase, token in _REL_PHRASES:
-        s = re.sub(rf"\b{phrase}\b", token, s)
+        s = re.sub(rf"(?<![@\w]){phrase}\b", token, s)  # not inside a token already made
     words = s.split()
     if not words:
         _fail(text, "no objects")

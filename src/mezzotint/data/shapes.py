@@ -200,64 +200,74 @@ def _place(sides, rng: random.Random, accept=None, tries: int = 300):
     for _ in range(tries):
         boxes = []
         for s in sides:
-            box = (rng.uniform(s / 2, 1 - s / 2), rng.uniform(s / 2, 1 - s / 2), s)
-            if not all(_apart(box, b) for b in boxes):
+            for _ in range(30):  # a few spots for this box before starting over
+                box = (rng.uniform(s / 2, 1 - s / 2), rng.uniform(s / 2, 1 - s / 2), s)
+                if all(_apart(box, b) for b in boxes):
+                    boxes.append(box)
+                    break
+            else:
                 break
-            boxes.append(box)
         else:
             if accept is None or accept(boxes):
                 return boxes
     return None
 
 
-def _layout(looks, sizes, rng, accept=None) -> list[Obj]:
-    """Objects for (colour, shape) looks and size classes; crowded scenes that do not
-    fit trade a large object for a small one until they do."""
+def _layout(looks, sizes, rng, accept=None, fixed=()) -> list[Obj]:
+    """Objects for (colour, shape) looks and size classes; a crowded scene that does not
+    fit trades a large object for a small one (never one at an index in `fixed`)."""
     sizes = list(sizes)
-    while True:
+    for _ in range(20):
         sides = [rng.uniform(*SIZES[z]) for z in sizes]
         boxes = _place(sides, rng, accept)
         if boxes is not None:
             return [Obj(shape, colour, z, x, y, s) for (colour, shape), z, (x, y, s) in zip(looks, sizes, boxes)]
-        large = [k for k, z in enumerate(sizes) if z == "large"]
+        large = [k for k, z in enumerate(sizes) if z == "large" and k not in fixed]
         if large:
             sizes[rng.choice(large)] = "small"
-        elif accept is None:
-            raise RuntimeError(f"cannot place {len(sizes)} small objects")  # never with <= 4
+    raise ValueError(f"found no layout for {len(sizes)} objects of sizes {sizes}")
+
+
+def scene_for(facts: Facts, rng: random.Random) -> Scene:
+    """A random scene of which `facts` are true: named sizes kept, others drawn (a
+    crowded scene may trade large for small); the relation placed with LAYOUT_SLACK to
+    spare; the named background (white if none)."""
+    looks = [(n.colour, n.shape) for n in facts.objects]
+    sizes = [n.size or rng.choice(list(SIZES)) for n in facts.objects]
+    fixed = [k for k, n in enumerate(facts.objects) if n.size]
+    accept = None
+    if facts.relation is not None:
+        accept = lambda b: relation_holds(facts.relation, b[0], b[1], slack=LAYOUT_SLACK)  # noqa: E731
+    return Scene(tuple(_layout(looks, sizes, rng, accept, fixed)), facts.background or "white")
 
 
 def sample_scene(rng: random.Random, kind: str | None = None) -> tuple[Scene, Facts]:
-    """A random scene and the facts of a true canonical caption for it."""
+    """A random scene and the facts of a true canonical caption for it. A white
+    background is named half the time, others always; a single object's size one time
+    in three (else either size is drawn). facts.objects[k] describes scene.objects[k]."""
     kind = kind or rng.choices(KINDS, weights=KIND_WEIGHTS)[0]
     background = rng.choices(list(BACKGROUNDS), weights=BACKGROUND_WEIGHTS)[0]
     named_bg = background if background != "white" or rng.random() < 0.5 else None
-    colours, relation, accept = list(COLOURS), None, None
+    colours, relation = list(COLOURS), None
     if kind == "single":
-        looks = [(rng.choice(colours), rng.choice(SHAPES))]
-        sizes = [rng.choice(list(SIZES))]
-        named = [Named(*looks[0], sizes[0] if rng.random() < 0.5 else None)]
+        size = rng.choice([None, *SIZES])
+        named = [Named(rng.choice(colours), rng.choice(SHAPES), size)]
     elif kind in ("two", "position"):
         looks = rng.sample([(c, s) for c in colours for s in SHAPES], 2)  # two different looks
-        sizes = [rng.choice(list(SIZES)) for _ in looks]
         named = [Named(c, s) for c, s in looks]
-        if kind == "position":
-            relation = rng.choice(list(RELATIONS))
-            accept = lambda b: relation_holds(relation, b[0], b[1], slack=LAYOUT_SLACK)  # noqa: E731
+        relation = rng.choice(list(RELATIONS)) if kind == "position" else None
     elif kind == "count":
-        n = rng.choice(list(COUNT_WORDS))
-        looks = [(rng.choice(colours), rng.choice(SHAPES))] * n
-        sizes = [rng.choice(list(SIZES)) for _ in looks]
-        named = [Named(*looks[0])] * n
+        named = [Named(rng.choice(colours), rng.choice(SHAPES))] * rng.choice(list(COUNT_WORDS))
     else:
         raise ValueError(f"unknown caption kind {kind!r}; allowed: {', '.join(KINDS)}")
-    objects = _layout(looks, sizes, rng, accept)
-    return Scene(tuple(objects), background), Facts(kind, tuple(named), relation, named_bg)
+    facts = Facts(kind, tuple(named), relation, named_bg)
+    return scene_for(facts, rng), facts
 
 
 def describe(scene: Scene) -> Facts:
     """The canonical facts of a scene: single (with size), count when all objects look
-    alike, position when a relation holds between two, else two objects; the
-    background is named unless white."""
+    alike, position when a relation holds between two (clearly: with LAYOUT_SLACK, so
+    that measuring cannot flip it), else two objects; the background is named unless white."""
     objs = scene.objects
     bg = None if scene.background == "white" else scene.background
     if len(objs) == 1:
@@ -268,7 +278,7 @@ def describe(scene: Scene) -> Facts:
     if len(objs) == 2:
         named = tuple(Named(o.colour, o.shape) for o in objs)
         a, b = ((o.x, o.y) for o in objs)
-        rel = next((r for r in RELATIONS if relation_holds(r, a, b)), None)
+        rel = next((r for r in RELATIONS if relation_holds(r, a, b, slack=LAYOUT_SLACK)), None)
         return Facts("position" if rel else "two", named, rel, bg)
     raise ValueError(f"no canonical caption for a scene of {len(objs)} objects that do not all look alike")
 

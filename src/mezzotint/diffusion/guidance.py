@@ -37,6 +37,7 @@ class CFGDenoiser:
         self.uncond = dict(uncond)
         self.scale = float(scale)
         self.batch_together = batch_together
+        self._joint_cache: dict[int, dict | None] = {}  # batch size -> joint conditions
 
     def _joint(self, batch: int) -> dict | None:
         """cond and uncond as one 2B-row dict [uncond; cond], or None if they cannot share a pass."""
@@ -68,7 +69,12 @@ class CFGDenoiser:
         if self.scale == 1.0:
             # uncond + 1 * (cond - uncond) = cond: skip the unconditional pass.
             return self.denoiser(x, sigma, **{k: _expand(v, batch) for k, v in self.cond.items()})
-        joint = self._joint(batch) if self.batch_together else None
+        joint = None
+        if self.batch_together:
+            # cond and uncond are fixed for the whole sampling run: pad and concatenate once
+            if batch not in self._joint_cache:
+                self._joint_cache[batch] = self._joint(batch)
+            joint = self._joint_cache[batch]
         if joint is not None:
             out = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **joint)
             x0_uncond, x0_cond = out.chunk(2)

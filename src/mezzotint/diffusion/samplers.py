@@ -7,6 +7,7 @@ Common signature:
   sigmas:    (n + 1,) descending noise levels, ending at 0 (any schedule, Karras included).
   generator: as in `noise.randn`; stochastic samplers draw in the order diffusers does.
   callback:  called after each step with {i, x, sigma, sigma_next, denoised}.
+  options:   keyword arguments of the sampler itself (ddim: eta); one it lacks is a TypeError.
 Step arithmetic takes sigmas as python floats (float64) and the tensors stay in x's dtype.
 The caller's x is never modified in place.
 """
@@ -22,7 +23,7 @@ from . import noise as _noise
 
 
 def _prepare(x: Tensor, sigmas, extra: dict | None):
-    s = torch.as_tensor(sigmas).detach().double().cpu()
+    s = torch.as_tensor(sigmas).detach().cpu().double()  # to the CPU first: MPS has no float64
     if s.ndim != 1 or len(s) < 2:
         raise ValueError(f"sigmas must be 1-D with at least 2 entries, got shape {tuple(s.shape)}")
     if bool((s[1:] > s[:-1]).any()) or bool((s[:-1] <= 0).any()):

@@ -25,6 +25,7 @@ CATEGORIES = ("single_object", "two_objects", "counting", "colors", "position", 
 BG_TOLERANCE = 60.0  # a border pixel this close (RGB distance) to a background colour votes for it
 COLOUR_TOLERANCE = 50.0  # a pixel within this of colour-over-background mixes is that colour (min pair gap is 76)
 FOREGROUND_ALPHA = 0.5  # a pixel at least half covered belongs to the object, as a rasteriser would say
+PARTIAL_COST = 30.0  # RGB distance charged for explaining a pixel as uncovered (x (1 - alpha))
 UNKNOWN_DISTANCE = 60.0  # a pixel this far from the background and from every mix is an unknown colour
 SPECK = 0.003  # blobs smaller than this fraction of the canvas are noise (the least object is ~0.01)
 MIN_SHAPE_IOU = 0.5  # a blob whose best template overlaps less than this has shape "unknown"
@@ -81,22 +82,29 @@ def _background(a: np.ndarray) -> tuple[str | None, np.ndarray]:
 def _labels(a: np.ndarray, bg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per pixel: label -1 background, k for COLOURS[k], len(COLOURS) for an unknown
     colour; and alpha (H, W, K), the coverage of each colour.
+
     Each pixel is explained as alpha * colour + (1 - alpha) * background, so that
-    anti-aliased edges (and soft generated ones) go with their colour, not a neighbour."""
+    anti-aliased edges (and soft generated ones) go with their colour, not a neighbour.
+    A pixel is foreground when some colour explains it at least half covered; among
+    those colours, partial cover costs a little, because edge pixels are rarer than
+    interior ones (this settles brown on black, which looks like half-covered orange)."""
     pal = np.array(list(COLOURS.values()), np.float64)  # (K, 3)
     d = a - bg  # (H, W, 3)
     v = pal - bg  # (K, 3)
     alpha = np.clip(np.einsum("hwc,kc->hwk", d, v) / (v * v).sum(1), 0.0, 1.0)  # (H, W, K)
     resid = np.linalg.norm(d[:, :, None, :] - alpha[..., None] * v, axis=3)  # (H, W, K)
-    best = resid.argmin(2)
-    best_resid = np.take_along_axis(resid, best[..., None], 2)[..., 0]
-    best_alpha = np.take_along_axis(alpha, best[..., None], 2)[..., 0]
-    labels = np.full(best.shape, -1)
-    known = (best_resid < COLOUR_TOLERANCE) & (best_alpha >= FOREGROUND_ALPHA)
-    labels[known] = best[known]
-    unknown = (best_resid >= COLOUR_TOLERANCE) & (np.linalg.norm(d, axis=2) >= UNKNOWN_DISTANCE)
+    fits = (resid < COLOUR_TOLERANCE) & (alpha >= FOREGROUND_ALPHA)
+    cost = np.where(fits, resid + PARTIAL_COST * (1.0 - alpha), np.inf)
+    labels = np.where(fits.any(2), cost.argmin(2), -1)
+    unknown = (resid.min(2) >= COLOUR_TOLERANCE) & (np.linalg.norm(d, axis=2) >= UNKNOWN_DISTANCE)
     labels[unknown] = len(COLOURS)
     return labels, alpha
+
+
+def _interior(part: np.ndarray, w: int) -> int:
+    """Pixels of a region (flat indices) whose four neighbours are all in it."""
+    inside_ = set(part.tolist())
+    return sum(p - 1 in inside_ and p + 1 in inside_ and p - w in inside_ and p + w in inside_ for p in inside_)
 
 
 def _components(key: np.ndarray) -> list[np.ndarray]:
@@ -168,15 +176,16 @@ def detect(image) -> tuple[str | None, list[Found]]:
     speck = max(4.0, SPECK * h * w)
     names = list(COLOURS) + ["unknown"]
     # Blobs are regions of any non-background colour; within a blob, each colour region
-    # big enough to be an object is one. A blob with one such region is one object,
-    # whatever stray labels noise left in it.
+    # big and thick enough to be an object is one (a thin fringe of another colour is
+    # just an edge). A blob with one such region is one object, whatever stray labels
+    # noise left in it.
     parts = []
     for blob in _components(np.where(labels >= 0, 0, -1)):
         if len(blob) < speck:
             continue
         key = np.full(h * w, -1)
         key[blob] = labels.ravel()[blob]
-        big = [p for p in _components(key.reshape(h, w)) if len(p) >= speck]
+        big = [p for p in _components(key.reshape(h, w)) if len(p) >= speck and _interior(p, w) >= speck / 4]
         parts += big if len(big) > 1 else [blob]
     owner = np.full(h * w, -1)
     for k, part in enumerate(parts):
@@ -304,8 +313,8 @@ def prompt_set(n_per_category: int = 50, seed: int = 0) -> list[tuple[str, str]]
 
 
 def score(verdicts: list[Verdict], categories: list[str] | None = None) -> dict[str, dict]:
-    """Accuracy per category, plus "overall" (the mean of the category accuracies, as
-    GenEval reports). With `categories` (one per verdict, e.g. from prompt_set) each
+    """Accuracy per category, plus "overall": the mean of the category accuracies, as
+    GenEval reports (its correct/total count whole verdicts, each once). With `categories` (one per verdict, e.g. from prompt_set) each
     verdict counts once under it; otherwise under each of its own categories."""
     counts = {c: [0, 0] for c in CATEGORIES}
     for k, v in enumerate(verdicts):
@@ -314,7 +323,7 @@ def score(verdicts: list[Verdict], categories: list[str] | None = None) -> dict[
             counts[c][1] += 1
     table = {c: {"correct": k, "total": n, "accuracy": k / n if n else None} for c, (k, n) in counts.items()}
     accs = [r["accuracy"] for r in table.values() if r["total"]]
-    table["overall"] = {"correct": sum(k for k, _ in counts.values()), "total": sum(n for _, n in counts.values()),
+    table["overall"] = {"correct": sum(v.correct for v in verdicts), "total": len(verdicts),
                         "accuracy": sum(accs) / len(accs) if accs else None}
     return table
 

@@ -1,0 +1,73 @@
+"""Training entry points: `mezzotint train-vae` and `mezzotint train`."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from ..config import PRESETS, ModelConfig, TrainConfig
+
+
+def _stored_or(run: Path, name: str, make):
+    """A run keeps the architecture it started with: reuse RUN/name on resume."""
+    f = run / name
+    if f.is_file():
+        return json.loads(f.read_text())
+    data = make()
+    run.mkdir(parents=True, exist_ok=True)
+    f.write_text(json.dumps(data, indent=1))
+    return data
+
+
+def train_vae(tc: TrainConfig, preset: str = "shapes", init: str | None = None,
+              stop_after: int | None = None) -> Path:
+    from .. import checkpoints
+    from ..config import VAEConfig, from_dict
+    from ..data import open_dataset
+    from .loop import Dist, train
+    from .tasks import VAETask
+    d = Dist.from_env()
+    torch.manual_seed(tc.seed)  # the initial weights
+    if init:
+        vae = checkpoints.load_vae(init)
+        cfg = vae.cfg
+        vae.requires_grad_(True)
+    else:
+        vae = None
+        cfg = from_dict(VAEConfig, _stored_or(Path(tc.run), "vae_config.json",
+                                             lambda: dataclasses.asdict(PRESETS[preset].vae)))
+    dataset = open_dataset(tc.data, tc.size, tc.seed)
+    return train(VAETask(cfg, tc, dataset, vae), dataset, tc, d, stop_after=stop_after)
+
+
+def train_unet(tc: TrainConfig, preset: str = "shapes", vae: str | None = None, init: str | None = None,
+               prediction: str | None = None, stop_after: int | None = None) -> Path:
+
+    from .. import checkpoints
+    from ..data import open_dataset
+    from ..text import load_text_encoder
+    from .loop import Dist, train
+    from .tasks import UNetTask
+    d = Dist.from_env()
+    torch.manual_seed(tc.seed)  # the initial weights
+    run = Path(tc.run)
+    if init:
+        unet, vae_model, cfg = checkpoints.load_model(init)
+        unet.requires_grad_(True).train()
+        base = Path(init)
+    else:
+        if vae is None:
+            raise ValueError("give --vae (a trained autoencoder) or --init (a model to fine-tune)")
+        vae_model = checkpoints.load_vae(vae)
+
+        def make():
+            c = PRESETS[preset]
+            sched = c.scheduler if prediction is None else dataclasses.replace(c.scheduler, prediction_type=prediction)
+            return dataclasses.replace(c, vae=vae_model.cfg, scheduler=sched).to_dict()
+        cfg = ModelConfig.from_dict(_stored_or(run, "model_config.json", make))
+        unet, base = None, None
+    text = load_text_encoder(cfg.text, base, d.device, torch.float32)
+    dataset = open_dataset(tc.data, tc.size, tc.seed)
+    return train(UNetTask(cfg, tc, vae_model, text, d.device, unet), dataset, tc, d, stop_after=stop_after)

@@ -1,0 +1,131 @@
+"""The two trainings: the autoencoder (images <-> latents) and the UNet (the denoiser)."""
+from __future__ import annotations
+
+import dataclasses
+import random
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .. import checkpoints
+from ..config import ModelConfig, TrainConfig, VAEConfig
+from ..diffusion.schedules import alphas_cumprod
+from ..unet import UNet
+from ..vae import AutoencoderKL
+from ..diffusion.noise import randn
+from .loop import Task, item_generators
+
+
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float in [-1, 1]."""
+    return images.float() / 127.5 - 1.0
+
+
+class VAETask(Task):
+    """Reconstruction (L1 + L2) through a sample of q(z|x), plus a small KL pull to N(0, I)
+    (Rombach et al. 2022, without the perceptual and adversarial terms: flat shapes do not need them)."""
+    kind = "vae"
+
+    def __init__(self, cfg: VAEConfig, tc: TrainConfig, dataset, init: AutoencoderKL | None = None):
+        self.cfg, self.tc, self.dataset = cfg, tc, dataset
+        self.model = init if init is not None else AutoencoderKL(cfg)
+
+    def fresh(self):
+        return AutoencoderKL(self.cfg)
+
+    def loss(self, net, images, captions, indices):
+        x = to_unit(images)
+        c, f = self.cfg.latent_channels, self.cfg.factor
+        shape = (x.shape[0], c, x.shape[2] // f, x.shape[3] // f)
+        noise = randn(shape, item_generators(self.tc.seed, indices), x.device)
+        rec, mean, logvar = net(x, noise)
+        rec_loss = (rec.float() - x).abs().mean() + F.mse_loss(rec.float(), x)
+        kl = 0.5 * (mean.float() ** 2 + logvar.float().exp() - 1 - logvar.float()).sum()
+        return rec_loss + self.tc.kl_weight * kl / x.numel()
+
+    @torch.no_grad()
+    def latent_stats(self, vae: AutoencoderKL, n: int = 256) -> tuple[float, float]:
+        """Mean and std of z over n items: the UNet wants latents of about unit variance."""
+        x = torch.stack([self.dataset[i][0] for i in range(n)])
+        mean, _ = vae.eval().encode_dist(to_unit(x))
+        return mean.mean().item(), mean.std().item()
+
+    def export(self, folder: Path, ema_model):
+        shift, std = self.latent_stats(ema_model)
+        cfg = dataclasses.replace(self.cfg, shift_factor=round(shift, 6), scaling_factor=round(1.0 / std, 6))
+        checkpoints.save_vae(folder, ema_model, cfg)
+
+    @torch.no_grad()
+    def sample(self, ema_model, path: Path):
+        from PIL import Image
+        x = torch.stack([self.dataset[i][0] for i in range(8)])
+        rec = ema_model.eval().decode(ema_model.encode(to_unit(x).to(next(ema_model.parameters()).device)))
+        rec = ((rec.cpu().clamp(-1, 1) + 1) * 127.5).round().byte()
+        grid = torch.cat([torch.cat(list(x), 2), torch.cat(list(rec), 2)], 1)  # originals over reconstructions
+        Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+
+
+SAMPLE_PROMPTS = [
+    "a red circle", "a large blue square", "a green triangle above a yellow star",
+    "a purple diamond to the left of an orange ring", "three pink circles",
+    "a brown star on a black background", "a blue ring and a red square", "two green diamonds on a gray background",
+]
+
+
+class UNetTask(Task):
+    """Noise prediction (Ho et al. 2020) or v-prediction (Salimans & Ho 2022) on VAE latents,
+    with min-SNR-gamma weighting (Hang et al. 2023) and caption dropout for guidance."""
+    kind = "unet"
+
+    def __init__(self, cfg: ModelConfig, tc: TrainConfig, vae: AutoencoderKL, text, device,
+                 init: UNet | None = None):
+        if text.dim != cfg.unet.context_dim:
+            raise ValueError(f"text encoder width {text.dim} != UNet context_dim {cfg.unet.context_dim}")
+        self.cfg, self.tc, self.text, self.device = cfg, tc, text, device
+        self.vae = vae.to(device).eval().requires_grad_(False)
+        self.model = init if init is not None else UNet(cfg.unet)
+        self.ac = alphas_cumprod(cfg.scheduler).float().to(device)
+
+    def fresh(self):
+        return UNet(self.cfg.unet)
+
+    def _captions(self, captions, indices):
+        p, seed = self.tc.caption_dropout, self.tc.seed
+        return ["" if random.Random(f"drop/{seed}/{i}").random() < p else c for c, i in zip(captions, indices)]
+
+    def loss(self, net, images, captions, indices):
+        with torch.no_grad():
+            x0 = self.vae.encode(to_unit(images.to(self.device)))
+            ctx, mask = self.text.encode_batch(self._captions(captions, indices))
+        B = x0.shape[0]
+        gens = item_generators(self.tc.seed, indices)
+        t = torch.cat([torch.randint(0, len(self.ac), (1,), generator=g) for g in gens]).to(x0.device)
+        noise = randn(x0.shape, gens, x0.device)
+        a = self.ac[t].view(B, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise  # q(x_t | x_0)
+        pred = net(xt, t.float(), ctx.to(x0.device), mask.to(x0.device)).float()
+        v = self.cfg.scheduler.prediction_type == "v"
+        target = a.sqrt() * noise - (1 - a).sqrt() * x0 if v else noise
+        per = ((pred - target) ** 2).mean(dim=(1, 2, 3))
+        if self.tc.snr_gamma > 0:
+            snr = (a / (1 - a)).view(B)
+            per = per * snr.clamp(max=self.tc.snr_gamma) / (snr + 1 if v else snr)
+        return per.mean()
+
+    def export(self, folder: Path, ema_model):
+        checkpoints.save_model(folder, ema_model, self.vae, self.cfg)
+
+    @torch.no_grad()
+    def sample(self, ema_model, path: Path):
+        from PIL import Image
+
+        from ..pipeline import Pipeline, defaults_for
+        pipe = Pipeline(ema_model, self.vae, self.text, self.cfg, self.device, torch.float32)
+        req = defaults_for(self.cfg, SAMPLE_PROMPTS[0], seed=0)
+        images = [r.image for r in pipe(req, SAMPLE_PROMPTS)]
+        w, h = images[0].size
+        grid = Image.new("RGB", (w * len(images), h))
+        for k, im in enumerate(images):
+            grid.paste(im, (k * w, 0))
+        grid.save(path)

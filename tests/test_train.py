@@ -1,0 +1,125 @@
+"""Training: tiny runs end to end, exact resume, resume after SIGKILL, DDP with 2 processes."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from mezzotint.checkpoints import load_model, load_vae, save_vae
+from mezzotint.cli import main
+from mezzotint.config import PRESETS
+from mezzotint.vae import AutoencoderKL
+
+FAST = ["--size", "32", "--batch", "2", "--log-every", "1", "--sample-every", "0", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory):
+    torch.manual_seed(0)
+    return save_vae(tmp_path_factory.mktemp("vae") / "vae", AutoencoderKL(PRESETS["tiny"].vae), PRESETS["tiny"].vae)
+
+
+def unet_cmd(run, vae, steps, *extra):
+    return ["train", "--run-dir", str(run), "--preset", "tiny", "--vae", str(vae), "--steps", str(steps),
+            "--ckpt-every", "2", *FAST, *extra]
+
+
+def weights(folder):
+    return load_file(folder / "unet.safetensors")
+
+
+def test_train_vae_end_to_end(tmp_path, capsys):
+    run = tmp_path / "vae"
+    assert main(["train-vae", "--run-dir", str(run), "--preset", "tiny", "--steps", "3", "--ckpt-every", "2",
+                 "--sample-every", "3", *FAST[:-4], "--threads", "1"]) == 0
+    vae = load_vae(run / "model")
+    assert vae.cfg.scaling_factor != 1.0  # measured from the data at export
+    assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["step-00000002", "step-00000003"]
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3] and all(r["loss"] > 0 for r in log)
+    assert Image.open(run / "samples" / "step-00000003.png").size == (32 * 8, 64)
+
+
+def test_resume_continues_exactly(tmp_path, tiny_vae):
+    assert main(unet_cmd(tmp_path / "a", tiny_vae, 4)) == 0
+    assert main(unet_cmd(tmp_path / "b", tiny_vae, 4, "--stop-after", "2")) == 0
+    assert not (tmp_path / "b" / "model").exists()
+    assert main(unet_cmd(tmp_path / "b", tiny_vae, 4)) == 0  # same run folder: resumes at step 2
+    a, b = weights(tmp_path / "a" / "model"), weights(tmp_path / "b" / "model")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    unet, vae, cfg = load_model(tmp_path / "a" / "model")  # the export is a usable model
+    assert cfg.name == "tiny"
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "mezzotint", *map(str, args)]
+
+
+def test_sigkill_then_rerun_resumes(tmp_path, tiny_vae):
+    run = tmp_path / "run"
+    cmd = _cli(*unet_cmd(run, tiny_vae, 400))
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:  # kill it once at least two checkpoints exist, mid-write or not
+            done = [p for p in (run / "checkpoints").glob("step-*") if ".tmp" not in p.name] if run.exists() else []
+            if len(done) >= 2:
+                break
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    kept = sorted(int(p.name[5:13]) for p in (run / "checkpoints").iterdir() if ".tmp" not in p.name)
+    assert kept and kept[-1] >= 2
+    r = subprocess.run(_cli(*unet_cmd(run, tiny_vae, kept[-1] + 2)), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"resuming from" in r.stderr and f"(step {kept[-1]})" in r.stderr
+    assert not [p for p in (run / "checkpoints").iterdir() if ".tmp" in p.name]
+    assert json.loads((run / "checkpoints" / f"step-{kept[-1] + 2:08d}" / "train_state.json").read_text())["step"] \
+        == kept[-1] + 2
+
+
+def test_ddp_two_processes_equal_one_process_with_double_batch(tmp_path, tiny_vae):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    base = unet_cmd(tmp_path / "ddp", tiny_vae, 2)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        "--master_port", "29517", "-m", "mezzotint", *base],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    single = unet_cmd(tmp_path / "one", tiny_vae, 2)
+    single[single.index("--batch") + 1] = "4"
+    assert main(single) == 0
+    a, b = weights(tmp_path / "ddp" / "model"), weights(tmp_path / "one" / "model")
+    for k in a:  # same items, same per-item noise; only the order of float sums differs
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_finetune_from_model_and_folder_data(tmp_path, tiny_vae):
+    assert main(unet_cmd(tmp_path / "base", tiny_vae, 2)) == 0
+    data = tmp_path / "imgs"
+    data.mkdir()
+    for k, colour in enumerate(["red", "blue"]):
+        Image.new("RGB", (40, 48), colour).save(data / f"{k}.png")
+        (data / f"{k}.txt").write_text(f"a {colour} picture")
+    run = tmp_path / "ft"
+    assert main(["train", "--run-dir", str(run), "--init", str(tmp_path / "base" / "model"), "--data", str(data),
+                 "--steps", "2", "--ckpt-every", "2", *FAST]) == 0
+    before, after = weights(tmp_path / "base" / "model"), weights(run / "model")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_bad_training_input(tmp_path, capsys):
+    assert main(["train", "--run-dir", str(tmp_path / "r"), "--preset", "tiny", "--steps", "2"]) == 2
+    assert "give --vae" in capsys.readouterr().err
+    assert main(["train-vae", "--run-dir", str(tmp_path / "r"), "--data", str(tmp_path / "none"), "--steps", "2"]) == 2
+    assert "error" in capsys.readouterr().err
