@@ -43,10 +43,13 @@ def test_missing_model(tmp_path):
         read_config(tmp_path / "nope")
 
 
-def test_truncated_weights(tiny_model, tmp_path):
+def _copy(model, tmp_path):
     import shutil
-    bad = tmp_path / "bad"
-    shutil.copytree(tiny_model, bad)
+    return shutil.copytree(model, tmp_path / "bad")
+
+
+def test_truncated_weights(tiny_model, tmp_path):
+    bad = _copy(tiny_model, tmp_path)
     data = (bad / "unet.safetensors").read_bytes()
     (bad / "unet.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ModelError, match="corrupt safetensors"):
@@ -54,9 +57,7 @@ def test_truncated_weights(tiny_model, tmp_path):
 
 
 def test_weights_that_do_not_fit_the_config(tiny_model, tmp_path):
-    import shutil
-    bad = tmp_path / "bad"
-    shutil.copytree(tiny_model, bad)
+    bad = _copy(tiny_model, tmp_path)
     meta = json.loads((bad / "model.json").read_text())
     meta["config"]["unet"]["channels"] = 64
     (bad / "model.json").write_text(json.dumps(meta))
@@ -65,9 +66,7 @@ def test_weights_that_do_not_fit_the_config(tiny_model, tmp_path):
 
 
 def test_unknown_config_key_is_an_error(tiny_model, tmp_path):
-    import shutil
-    bad = tmp_path / "bad"
-    shutil.copytree(tiny_model, bad)
+    bad = _copy(tiny_model, tmp_path)
     meta = json.loads((bad / "model.json").read_text())
     meta["config"]["unet"]["chanels"] = 64
     (bad / "model.json").write_text(json.dumps(meta))
@@ -76,9 +75,7 @@ def test_unknown_config_key_is_an_error(tiny_model, tmp_path):
 
 
 def test_not_json(tiny_model, tmp_path):
-    import shutil
-    bad = tmp_path / "bad"
-    shutil.copytree(tiny_model, bad)
+    bad = _copy(tiny_model, tmp_path)
     (bad / "model.json").write_text("{oops")
     with pytest.raises(ModelError, match="corrupt model config"):
         read_config(bad)

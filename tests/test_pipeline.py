@@ -90,3 +90,24 @@ def test_long_prompt_is_chunked_not_cut(tiny_pipe):
     assert mask[1].sum() == 5
     with pytest.warns(UserWarning, match="cut"):
         tiny_pipe.text.encode([" ".join(["word"] * 300)])
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_on_cpu(tiny_model, dtype):
+    from mezzotint import Pipeline
+    pipe = Pipeline.load(tiny_model, device="cpu", dtype=dtype)
+    [r] = pipe(Request(PROMPT, steps=2))
+    assert torch.isfinite(r.latent).all() and r.image.size == (64, 64)
+    assert pipe.record(r.request)["dtype"] == dtype
+
+
+def test_device_and_dtype_errors():
+    from mezzotint.pipeline import resolve_device, resolve_dtype
+    with pytest.raises(ValueError, match="unknown device"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            resolve_device("cuda")
+    with pytest.raises(ValueError, match="unknown dtype"):
+        resolve_dtype("float8", torch.device("cpu"))
+    assert resolve_dtype(None, torch.device("cpu")) == torch.float32

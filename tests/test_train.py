@@ -123,3 +123,30 @@ def test_bad_training_input(tmp_path, capsys):
     assert "give --vae" in capsys.readouterr().err
     assert main(["train-vae", "--run-dir", str(tmp_path / "r"), "--data", str(tmp_path / "none"), "--steps", "2"]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path, tiny_vae):
+    big = unet_cmd(tmp_path / "big", tiny_vae, 2)
+    big[big.index("--batch") + 1] = "4"
+    assert main(big) == 0
+    assert main(unet_cmd(tmp_path / "acc", tiny_vae, 2, "--accum", "2")) == 0
+    a, b = weights(tmp_path / "big" / "model"), weights(tmp_path / "acc" / "model")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_autocast_runs(tmp_path, tiny_vae):
+    assert main(unet_cmd(tmp_path / "bf16", tiny_vae, 2, "--precision", "bf16")) == 0
+    log = [json.loads(x) for x in (tmp_path / "bf16" / "log.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
+
+
+def test_decoder_only_keeps_the_latent_space(tmp_path, tiny_vae):
+    run = tmp_path / "dec"
+    assert main(["train-vae", "--run-dir", str(run), "--init", str(tiny_vae), "--decoder-only", "--steps", "2",
+                 "--ckpt-every", "2", *FAST]) == 0
+    before, after = load_file(tiny_vae / "vae.safetensors"), load_file(run / "model" / "vae.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("encoder.", "quant_conv.")))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    assert load_vae(run / "model").cfg == load_vae(tiny_vae).cfg  # same latent scale and shift
+    assert main(["train-vae", "--run-dir", str(tmp_path / "x"), "--decoder-only", "--steps", "1", *FAST]) == 2

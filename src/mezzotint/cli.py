@@ -10,6 +10,14 @@ from pathlib import Path
 DEFAULT_MODEL = Path(__file__).parent / "weights" / "default"
 
 
+GENERATE_EXAMPLES = """examples:
+  mezzotint generate "a red circle to the left of a blue square"
+  mezzotint generate "three green stars" --seed 7 --batch 4 --output stars/
+  mezzotint generate --prompt-file prompts.txt --output set/
+  mezzotint generate "a purple ring" --sampler euler_a --steps 30 --cfg 7 --output ring.png
+"""
+
+
 class UsageError(Exception):
     """Bad input from the command line: one line to the user, exit code 2."""
 
@@ -34,16 +42,16 @@ def finite_float(text: str) -> float:
 def add_generation_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation")
     g.add_argument("--negative-prompt", default="", metavar="TEXT", help="what to steer away from")
-    g.add_argument("--seed", type=int, default=0, help="image k of a batch uses seed+k (default 0)")
-    g.add_argument("--steps", type=int, help="denoising steps (model default, usually 20)")
-    g.add_argument("--sampler", help="sampler name, see `mezzotint samplers` (model default)")
+    g.add_argument("--seed", type=int, default=0, metavar="INT", help="image k of a batch uses seed+k (default 0)")
+    g.add_argument("--steps", type=int, metavar="N", help="denoising steps (model default, usually 20)")
+    g.add_argument("--sampler", metavar="NAME", help="sampler name, see `mezzotint samplers` (model default)")
     g.add_argument("--karras", action="store_true", default=None, help="use Karras sigma spacing")
-    g.add_argument("--eta", type=finite_float, default=0.0, help="ddim noise, 0..1 (default 0)")
-    g.add_argument("--cfg", type=finite_float, help="guidance scale (model default); 1 = no guidance")
-    g.add_argument("--width", type=int, help="pixels, a multiple of the autoencoder factor")
-    g.add_argument("--height", type=int, help="pixels, a multiple of the autoencoder factor")
+    g.add_argument("--eta", type=finite_float, default=0.0, metavar="F", help="ddim noise, 0..1 (default 0)")
+    g.add_argument("--cfg", type=finite_float, metavar="SCALE", help="guidance scale (model default); 1 = no guidance")
+    g.add_argument("--width", type=int, metavar="PX", help="pixels, a multiple of the autoencoder factor")
+    g.add_argument("--height", type=int, metavar="PX", help="pixels, a multiple of the autoencoder factor")
     r = p.add_argument_group("model and device")
-    r.add_argument("--model", type=Path, help="model folder or .safetensors file (default: built-in)")
+    r.add_argument("--model", type=Path, metavar="PATH", help="model folder or .safetensors file (default: built-in)")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="where to run (auto: the best device present)")
     r.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
@@ -60,6 +68,9 @@ def add_training_args(p: argparse.ArgumentParser, unet: bool) -> None:
                    help="'shapes' (the built-in world), a folder of images with .txt captions, or .tar shards")
     p.add_argument("--preset", default="shapes", help="architecture preset for a new model (default shapes)")
     p.add_argument("--init", help="start from this model (fine-tuning)" if unet else "start from this autoencoder")
+    if not unet:
+        p.add_argument("--decoder-only", action="store_true",
+                       help="with --init: train the decoder alone, keeping the latent space")
     if unet:
         p.add_argument("--vae", help="trained autoencoder folder (from train-vae) or model folder")
         p.add_argument("--prediction", choices=["eps", "v"], help="what the UNet predicts (preset default)")
@@ -79,12 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     g = sub.add_parser("generate", help="make images from a prompt",
-                       description="Make images from a text prompt. Paths written go to stdout.")
+                       description="Make images from a text prompt. Paths written go to stdout.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=GENERATE_EXAMPLES)
     g.add_argument("prompt", nargs="?", help="what to draw")
     g.add_argument("--prompt-file", type=Path, metavar="FILE",
                    help="one prompt a line, one image each, written as 0000.png, 0001.png, ... into --output")
-    g.add_argument("--batch", type=int, default=1, help="images per forward pass (default 1)")
-    g.add_argument("--output", type=Path, default=Path("outputs"),
+    g.add_argument("--batch", type=int, default=1, metavar="N", help="images per forward pass (default 1)")
+    g.add_argument("--output", type=Path, default=Path("outputs"), metavar="PATH",
                    help="folder (default ./outputs) or, for one image, a .png path")
     add_generation_args(g)
 

@@ -100,10 +100,9 @@ def generate(args) -> int:
 
 
 def samplers(args) -> int:
-    from .diffusion import SAMPLERS
-    for name, fn in SAMPLERS.items():
-        doc = (fn.__doc__ or "").strip().splitlines()
-        print(f"{name:10s} {doc[0] if doc else ''}")
+    from .diffusion import sampler_help, sampler_names
+    for name in sampler_names():
+        print(f"{name:10s} {sampler_help(name)}")
     return 0
 
 
@@ -183,7 +182,7 @@ def train_vae(args) -> int:
     from .train import train_vae as run
     tc = _train_config(args)
     try:
-        print(run(tc, args.preset, args.init, args.stop_after))
+        print(run(tc, args.preset, args.init, args.stop_after, args.decoder_only))
     except ValueError as e:
         raise UsageError(str(e)) from None
     return 0

@@ -122,9 +122,9 @@ PRESETS: dict[str, ModelConfig] = {
         name="tiny",
     ),
     "shapes": ModelConfig(
-        unet=UNetConfig(channels=32, channel_mult=(1, 2, 4), num_res_blocks=1,
+        unet=UNetConfig(in_channels=8, out_channels=8, channels=32, channel_mult=(1, 2, 4), num_res_blocks=1,
                         attention_levels=(1, 2), head_dim=32, groups=16),
-        vae=VAEConfig(channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, groups=16),
+        vae=VAEConfig(latent_channels=8, channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, groups=16),
         scheduler=SchedulerConfig(prediction_type="v"),
         name="shapes",
     ),
@@ -149,6 +149,7 @@ class TrainConfig:
     caption_dropout: float = 0.1  # share of captions replaced by "" (classifier-free guidance)
     snr_gamma: float = 5.0  # min-SNR loss weighting (Hang et al. 2023); 0 = plain MSE
     kl_weight: float = 1e-6  # VAE only: weight of the KL term
+    edge_weight: float = 1.0  # VAE only: weight of the L1 loss on pixel differences (sharp edges)
     ckpt_every: int = 500  # steps between checkpoints
     sample_every: int = 1000  # steps between sample grids (0 = never)
     log_every: int = 10  # steps between log.jsonl lines

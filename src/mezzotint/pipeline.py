@@ -118,7 +118,7 @@ class Pipeline:
         base = Path(path) if Path(path).is_dir() else Path(path).parent
         text_dtype = dt if dev.type != "cpu" else torch.float32
         text = load_text_encoder(cfg.text, base, dev, text_dtype)
-        return cls(unet, vae, text, cfg, dev, dt, str(path))
+        return cls(unet, vae, text, cfg, dev, dt, str(Path(path).resolve()))
 
     @property
     def model_hash(self) -> str:

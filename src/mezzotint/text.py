@@ -76,7 +76,8 @@ class TextEncoder(nn.Module):
             if self.cfg.layer == -1:
                 return out.last_hidden_state
             h = out.hidden_states[self.cfg.layer]
-            return self.model.text_model.final_layer_norm(h) if self.cfg.final_norm else h
+            inner = getattr(self.model, "text_model", self.model)  # transformers < 5 nests it
+            return inner.final_layer_norm(h) if self.cfg.final_norm else h
         out = self.model(input_ids=ids, attention_mask=mask.long(), output_hidden_states=self.cfg.layer != -1)
         return out.last_hidden_state if self.cfg.layer == -1 else out.hidden_states[self.cfg.layer]
 

@@ -22,7 +22,7 @@ def _stored_or(run: Path, name: str, make):
 
 
 def train_vae(tc: TrainConfig, preset: str = "shapes", init: str | None = None,
-              stop_after: int | None = None) -> Path:
+              stop_after: int | None = None, decoder_only: bool = False) -> Path:
     from .. import checkpoints
     from ..config import VAEConfig, from_dict
     from ..data import open_dataset
@@ -39,7 +39,7 @@ def train_vae(tc: TrainConfig, preset: str = "shapes", init: str | None = None,
         cfg = from_dict(VAEConfig, _stored_or(Path(tc.run), "vae_config.json",
                                              lambda: dataclasses.asdict(PRESETS[preset].vae)))
     dataset = open_dataset(tc.data, tc.size, tc.seed)
-    return train(VAETask(cfg, tc, dataset, vae), dataset, tc, d, stop_after=stop_after)
+    return train(VAETask(cfg, tc, dataset, vae, decoder_only), dataset, tc, d, stop_after=stop_after)
 
 
 def train_unet(tc: TrainConfig, preset: str = "shapes", vae: str | None = None, init: str | None = None,
@@ -65,6 +65,10 @@ def train_unet(tc: TrainConfig, preset: str = "shapes", vae: str | None = None, 
         def make():
             c = PRESETS[preset]
             sched = c.scheduler if prediction is None else dataclasses.replace(c.scheduler, prediction_type=prediction)
+            c_in = vae_model.cfg.latent_channels
+            if (c.unet.in_channels, c.unet.out_channels) != (c_in, c_in):
+                raise ValueError(f"preset {preset!r} UNet takes {c.unet.in_channels} latent channels, "
+                                 f"the autoencoder makes {c_in}")
             return dataclasses.replace(c, vae=vae_model.cfg, scheduler=sched).to_dict()
         cfg = ModelConfig.from_dict(_stored_or(run, "model_config.json", make))
         unet, base = None, None
