@@ -111,3 +111,11 @@ def test_device_and_dtype_errors():
     with pytest.raises(ValueError, match="unknown dtype"):
         resolve_dtype("float8", torch.device("cpu"))
     assert resolve_dtype(None, torch.device("cpu")) == torch.float32
+
+
+def test_without_guidance_batch_rows_agree_with_single_images(tiny_pipe):
+    # cfg 1 runs the UNet on B rows instead of 2B; a batch of one takes other conv kernels
+    # than a batch of two, so here rows agree to float rounding rather than bit for bit
+    batch = tiny_pipe(Request(PROMPT, seed=20, steps=3, cfg=1.0), [PROMPT] * 2)
+    single = tiny_pipe(Request(PROMPT, seed=21, steps=3, cfg=1.0))[0]
+    torch.testing.assert_close(batch[1].latent, single.latent, rtol=1e-4, atol=1e-4)

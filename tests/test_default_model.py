@@ -1,0 +1,42 @@
+"""The built-in default model: shipped inside the package, loads, and draws what it is asked."""
+import numpy as np
+import pytest
+
+from mezzotint import Pipeline
+from mezzotint.checkpoints import read_config
+from mezzotint.cli import DEFAULT_MODEL, main
+from mezzotint.evaluate.judge import judge
+from mezzotint.pipeline import defaults_for
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return Pipeline.load(DEFAULT_MODEL, device="cpu")
+
+
+def test_default_model_is_shipped_and_small():
+    cfg = read_config(DEFAULT_MODEL)
+    assert cfg.vae.factor == 4 and cfg.defaults.width == 64
+    size = sum(f.stat().st_size for f in DEFAULT_MODEL.iterdir())
+    assert size < 40 * 2**20
+
+
+def test_generate_uses_the_default_model(tmp_path, capsys):
+    assert main(["generate", "a red circle", "--output", str(tmp_path / "a.png")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "a.png")
+
+
+@pytest.mark.parametrize("prompt", ["a red circle", "a blue square", "a green triangle on a black background"])
+def test_default_model_draws_single_objects(pipe, prompt):
+    req = defaults_for(pipe.config, prompt, seed=0)
+    results = pipe(req, [prompt] * 4)
+    right = [judge(r.image, prompt).correct for r in results]
+    assert sum(right) >= 3, [judge(r.image, prompt).reason for r in results]
+
+
+def test_default_model_image_is_not_noise(pipe):
+    [r] = pipe(defaults_for(pipe.config, "a yellow star", seed=3))
+    a = np.asarray(r.image).reshape(-1, 3)
+    # a flat background dominates a Shapes world image
+    values, counts = np.unique(a // 8, axis=0, return_counts=True)
+    assert counts.max() > 0.5 * len(a)
