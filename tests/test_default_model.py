@@ -5,7 +5,7 @@ import pytest
 from mezzotint import Pipeline
 from mezzotint.checkpoints import read_config
 from mezzotint.cli import DEFAULT_MODEL, main
-from mezzotint.evaluate.judge import judge
+from mezzotint.evaluate.judge import judge, prompt_set
 from mezzotint.pipeline import defaults_for
 
 
@@ -26,12 +26,12 @@ def test_generate_uses_the_default_model(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == str(tmp_path / "a.png")
 
 
-@pytest.mark.parametrize("prompt", ["a red circle", "a blue square", "a green triangle on a black background"])
-def test_default_model_draws_single_objects(pipe, prompt):
-    req = defaults_for(pipe.config, prompt, seed=0)
-    results = pipe(req, [prompt] * 4)
-    right = [judge(r.image, prompt).correct for r in results]
-    assert sum(right) >= 3, [judge(r.image, prompt).reason for r in results]
+def test_default_model_draws_single_objects_in_the_named_colour(pipe):
+    # the first 8 "colors" prompts of the eval set; the shipped model scored 0.86 on 50 of them
+    prompts = [c for c, cat in prompt_set(8, seed=0) if cat == "colors"]
+    results = pipe(defaults_for(pipe.config, prompts[0], seed=0), prompts)
+    verdicts = [judge(r.image, p) for r, p in zip(results, prompts)]
+    assert sum(v.correct for v in verdicts) >= 5, [v.reason for v in verdicts]
 
 
 def test_default_model_image_is_not_noise(pipe):
