@@ -196,10 +196,10 @@ def train(task: Task, dataset, tc: TrainConfig, d: Dist, progress: bool = True,
             log.close()
         return state.latest(run)
     if d.main:
+        # the last checkpoint already holds the exported model: copy it, less the training state
         out = final.with_name("model.tmp")
         shutil.rmtree(out, ignore_errors=True)
-        out.mkdir(parents=True)
-        task.export(out, ema.copy_to(task.fresh()))
+        shutil.copytree(state.latest(run), out, ignore=shutil.ignore_patterns("train_state.*"))
         shutil.rmtree(final, ignore_errors=True)
         os.rename(out, final)
         log.close()
