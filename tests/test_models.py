@@ -34,7 +34,7 @@ def test_unet_matches_diffusers(cfg):
     ours = UNet(cfg).eval()
     ref = _diffusers_unet(cfg).eval()
     # both start random; give diffusers our weights, by identical names
-    missing, unexpected = ref.load_state_dict(ours.state_dict(), strict=True), None
+    ref.load_state_dict(ours.state_dict(), strict=True)
     x = torch.randn(2, cfg.in_channels, 16, 16)
     t = torch.tensor([3.0, 711.5])
     ctx = torch.randn(2, 5, cfg.context_dim)

@@ -83,7 +83,7 @@ def test_sigkill_then_rerun_resumes(tmp_path, tiny_vae):
     assert kept and kept[-1] >= 2
     r = subprocess.run(_cli(*unet_cmd(run, tiny_vae, kept[-1] + 2)), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert f"resuming from" in r.stderr and f"(step {kept[-1]})" in r.stderr
+    assert "resuming from" in r.stderr and f"(step {kept[-1]})" in r.stderr
     assert not [p for p in (run / "checkpoints").iterdir() if ".tmp" in p.name]
     assert json.loads((run / "checkpoints" / f"step-{kept[-1] + 2:08d}" / "train_state.json").read_text())["step"] \
         == kept[-1] + 2

@@ -57,7 +57,6 @@ def _output_paths(out: Path, n: int, numbered_from_zero: bool) -> list[Path]:
 
 
 def generate(args) -> int:
-    import torch
     from tqdm import tqdm
 
     from .metadata import save_png
@@ -95,7 +94,6 @@ def generate(args) -> int:
             path = save_png(res.image, paths[i + k], pipe.record(res.request))
             print(path, flush=True)
     bar.close()
-    del torch
     return 0
 
 

@@ -13,7 +13,7 @@ import random
 import re
 
 from mezzotint.data.shapes import (
-    BACKGROUNDS, COLOURS, COUNT_WORDS, RELATIONS, SHAPES, Facts, Named, Scene, article, describe,
+    COLOURS, COUNT_WORDS, RELATIONS, SHAPES, Facts, Named, Scene, article, describe,
 )
 
 SPLITS = ("train", "heldout")

@@ -18,7 +18,7 @@ from PIL import Image, ImageFilter
 from mezzotint.data.phrasing import parse_caption
 from mezzotint.data.shapes import (
     BACKGROUNDS, COLOURS, COUNT_WORDS, RELATIONS, SHAPES, SIZES, Facts, Named,
-    canonical_caption, extent, inside, relation_holds, render, sample_scene,
+    canonical_caption, inside, relation_holds, render, sample_scene,
 )
 
 CATEGORIES = ("single_object", "two_objects", "counting", "colors", "position", "color_attribution", "background")
