@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch", type=int, default=8, help="images per forward pass (default 8)")
     e.add_argument("--json", type=Path, metavar="FILE", help="write per-image verdicts here")
     e.add_argument("--save-images", type=Path, metavar="DIR", help="also keep the images")
+    e.add_argument("--autoencoder", action="store_true",
+                   help="judge only the autoencoder: ground-truth renders after encode + decode")
     add_generation_args(e)
 
     n = sub.add_parser("new-model", help="write a model with random weights from a preset (for tests or training)")

@@ -54,6 +54,26 @@ def evaluate(pipe, base_request, per_category: int = 50, seed: int = 0, phrasing
     return table, rows
 
 
+def autoencoder_round_trip(vae, n: int = 200, size: int = 64, seed: int = 0) -> float:
+    """Judge accuracy of ground-truth renders after encode + decode: the ceiling that the
+    autoencoder puts on any UNet trained on its latents."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from ..data.shapes import canonical_caption, render, sample_scene
+    right = 0
+    device = next(vae.parameters()).device
+    with torch.inference_mode():
+        for i in range(n):
+            scene, facts = sample_scene(random.Random(f"vae-round-trip/{seed}/{i}"))
+            x = torch.from_numpy(np.asarray(render(scene, size)).copy()).permute(2, 0, 1)[None]
+            y = vae.decode(vae.encode(x.to(device).float() / 127.5 - 1))[0].float().cpu()
+            img = ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+            right += judge(Image.fromarray(img), canonical_caption(facts)).correct
+    return right / n
+
+
 def report(table: dict, gt_accuracy: float, phrasing: str) -> str:
     return (f"judge accuracy on ground-truth renders: {gt_accuracy:.3f}\n"
             f"prompts: {phrasing} phrasings\n" + format_table(table))
@@ -65,4 +85,4 @@ def write_json(path: Path, table: dict, rows: list[dict], meta: dict) -> None:
     atomic_write(Path(path), lambda tmp: Path(tmp).write_text(data))
 
 
-__all__ = ["evaluate", "eval_prompts", "report", "write_json", "judge_ground_truth"]
+__all__ = ["autoencoder_round_trip", "evaluate", "eval_prompts", "report", "write_json", "judge_ground_truth"]
