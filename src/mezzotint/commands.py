@@ -217,9 +217,9 @@ def eval(args) -> int:  # noqa: A001 (the command's name)
     if args.autoencoder:
         from .checkpoints import load_vae
         from .evaluate.run import autoencoder_round_trip
-        n = 50 * args.per_category // 10  # 7 categories' worth of scenes at the default 50
-        acc = autoencoder_round_trip(load_vae(model_path), n=max(n, 1), size=req.width)
-        print(f"autoencoder round trip: judge accuracy {acc:.3f} on {max(n, 1)} ground-truth renders")
+        n = 5 * args.per_category  # 250 scenes at the default 50
+        acc = autoencoder_round_trip(load_vae(model_path), n=n, size=req.width)
+        print(f"autoencoder round trip: judge accuracy {acc:.3f} on {n} ground-truth renders")
         return 0
     n = len(eval_prompts(args.per_category, args.prompt_seed, args.phrasing))
     gt = judge_ground_truth(200, size=req.width)

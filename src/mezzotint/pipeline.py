@@ -16,6 +16,7 @@ from . import checkpoints
 from .config import ModelConfig
 from .diffusion import SAMPLERS, CFGDenoiser, Denoiser, generators, get_sigmas, randn
 from .text import TextEncoder, load_text_encoder
+from .vae import to_uint8
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_SEED = 2**63 - 1
@@ -169,7 +170,7 @@ class Pipeline:
         with torch.inference_mode():
             vae_dtype = next(self.vae.parameters()).dtype
             x = torch.cat([self.vae.decode(z[None].to(vae_dtype)).float() for z in latent])
-        x = ((x + 1) * 127.5).clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        x = to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()
         return [Image.fromarray(np.ascontiguousarray(a)) for a in x]
 
     # -- the public call ---------------------------------------------------------------------

@@ -14,6 +14,16 @@ from .config import VAEConfig
 from .nn import Attention, Downsample, ResBlock, Upsample
 
 
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (B, 3, H, W) -> float in [-1, 1], the autoencoder's input range."""
+    return images.float() / 127.5 - 1.0
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Decoder output, about [-1, 1] -> uint8 pixels, same layout."""
+    return ((x.float() + 1) * 127.5).clamp(0, 255).round().to(torch.uint8)
+
+
 class MidAttention(Attention):
     """Single-head self-attention over all pixels, with its own GroupNorm and a residual."""
 

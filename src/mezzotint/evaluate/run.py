@@ -62,14 +62,15 @@ def autoencoder_round_trip(vae, n: int = 200, size: int = 64, seed: int = 0) -> 
     from PIL import Image
 
     from ..data.shapes import canonical_caption, render, sample_scene
+    from ..vae import to_uint8, to_unit
     right = 0
     device = next(vae.parameters()).device
     with torch.inference_mode():
         for i in range(n):
             scene, facts = sample_scene(random.Random(f"vae-round-trip/{seed}/{i}"))
             x = torch.from_numpy(np.asarray(render(scene, size)).copy()).permute(2, 0, 1)[None]
-            y = vae.decode(vae.encode(x.to(device).float() / 127.5 - 1))[0].float().cpu()
-            img = ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+            y = vae.decode(vae.encode(to_unit(x.to(device))))[0].cpu()
+            img = to_uint8(y).permute(1, 2, 0).numpy()
             right += judge(Image.fromarray(img), canonical_caption(facts)).correct
     return right / n
 

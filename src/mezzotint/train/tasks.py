@@ -12,14 +12,9 @@ from .. import checkpoints
 from ..config import ModelConfig, TrainConfig, VAEConfig
 from ..diffusion.schedules import alphas_cumprod
 from ..unet import UNet
-from ..vae import AutoencoderKL
+from ..vae import AutoencoderKL, to_uint8, to_unit
 from ..diffusion.noise import randn
 from .loop import Task, item_generators
-
-
-def to_unit(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float in [-1, 1]."""
-    return images.float() / 127.5 - 1.0
 
 
 def edge_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -80,7 +75,7 @@ class VAETask(Task):
         from PIL import Image
         x = torch.stack([self.dataset[i][0] for i in range(8)])
         rec = ema_model.eval().decode(ema_model.encode(to_unit(x).to(next(ema_model.parameters()).device)))
-        rec = ((rec.cpu().clamp(-1, 1) + 1) * 127.5).round().byte()
+        rec = to_uint8(rec.cpu())
         grid = torch.cat([torch.cat(list(x), 2), torch.cat(list(rec), 2)], 1)  # originals over reconstructions
         Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
 
