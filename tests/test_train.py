@@ -150,3 +150,29 @@ def test_decoder_only_keeps_the_latent_space(tmp_path, tiny_vae):
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
     assert load_vae(run / "model").cfg == load_vae(tiny_vae).cfg  # same latent scale and shift
     assert main(["train-vae", "--run-dir", str(tmp_path / "x"), "--decoder-only", "--steps", "1", *FAST]) == 2
+
+
+def test_pool_first_pass_equals_streaming_then_cycles(tmp_path, tiny_vae):
+    """--pool encodes items once; on the first pass the UNet sees what streaming shows it."""
+    assert main(unet_cmd(tmp_path / "stream", tiny_vae, 3, "--caption-dropout", "0.5")) == 0
+    assert main(unet_cmd(tmp_path / "pool", tiny_vae, 3, "--caption-dropout", "0.5", "--pool", "6")) == 0
+    a, b = weights(tmp_path / "stream" / "model"), weights(tmp_path / "pool" / "model")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    shards = sorted((tmp_path / "pool" / "pool").iterdir())
+    assert [p.name for p in shards] == ["rank0-00000.safetensors"]
+    stamp = shards[0].stat().st_mtime_ns
+    # two more steps read pool items 0..3 again, with new noise; the pool is loaded, not rebuilt
+    assert main(unet_cmd(tmp_path / "pool", tiny_vae, 5, "--caption-dropout", "0.5", "--pool", "6")) == 0
+    assert shards[0].stat().st_mtime_ns == stamp
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "pool" / "log.jsonl").read_text().splitlines()]
+    assert len(losses) == 5 and losses[3] != losses[0]
+
+
+def test_pool_refuses_a_pool_built_for_other_settings(tmp_path, tiny_vae, capsys):
+    assert main(unet_cmd(tmp_path / "r", tiny_vae, 2, "--pool", "4", "--stop-after", "1")) == 0
+    cmd = unet_cmd(tmp_path / "r", tiny_vae, 2, "--pool", "4")
+    cmd[cmd.index("--batch") + 1] = "4"
+    assert main(cmd) == 2
+    assert "built for another pool" in capsys.readouterr().err
+    assert main(["train-vae", "--run-dir", str(tmp_path / "v"), "--preset", "tiny", "--pool", "4"]) == 2

@@ -156,3 +156,4 @@ class TrainConfig:
     keep: int = 2  # checkpoints kept
     seed: int = 0  # data order, noise and initialisation
     threads: int = 0  # torch threads per process (0 = leave as is)
+    pool: int = 0  # UNet only: encode this many items once and cycle over them (0 = encode every batch)

@@ -28,6 +28,8 @@ def train_vae(tc: TrainConfig, preset: str = "shapes", init: str | None = None,
     from ..data import open_dataset
     from .loop import Dist, train
     from .tasks import VAETask
+    if tc.pool:
+        raise ValueError("--pool encodes latents for UNet training; the autoencoder trains on pixels")
     d = Dist.from_env()
     torch.manual_seed(tc.seed)  # the initial weights
     if init:

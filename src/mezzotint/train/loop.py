@@ -90,6 +90,14 @@ class Task:
     def sample(self, ema_model: torch.nn.Module, path: Path) -> None:
         """Write a picture of progress (a sample grid)."""
 
+    def prepare(self, run: Path, d: Dist, dataset) -> None:
+        """Work before the first step (the UNet's encode-once pool)."""
+
+    def fetch(self, dataset, indices: range) -> tuple[torch.Tensor | None, list[str] | None]:
+        """(images, captions) of the items the loss will see."""
+        items = [dataset[i] for i in indices]
+        return torch.stack([im for im, _ in items]), [c for _, c in items]
+
     def fresh(self) -> torch.nn.Module:
         """A new module of the trained architecture (EMA weights get copied into it)."""
         raise NotImplementedError
@@ -127,6 +135,8 @@ def train(task: Task, dataset, tc: TrainConfig, d: Dist, progress: bool = True,
         run.mkdir(parents=True, exist_ok=True)
         (run / "train_config.json").write_text(json.dumps(asdict(tc), indent=1))
     end = tc.steps if stop_after is None else min(tc.steps, step + stop_after)
+    if step < end:
+        task.prepare(run, d, dataset)
     net = model
     if d.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
@@ -155,9 +165,8 @@ def train(task: Task, dataset, tc: TrainConfig, d: Dist, progress: bool = True,
         total = 0.0
         for micro in range(tc.accum):
             idx = batch_indices(step, micro, tc, d)
-            items = [dataset[i] for i in idx]
-            images = torch.stack([im for im, _ in items]).to(d.device)
-            captions = [c for _, c in items]
+            images, captions = task.fetch(dataset, idx)
+            images = images.to(d.device) if images is not None else None
             sync = micro == tc.accum - 1 or d.world == 1
             ctx = net.no_sync() if (d.world > 1 and not sync) else contextlib.nullcontext()
             with ctx, _autocast(tc, d.device):

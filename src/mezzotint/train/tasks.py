@@ -100,18 +100,33 @@ class UNetTask(Task):
         self.vae = vae.to(device).eval().requires_grad_(False)
         self.model = init if init is not None else UNet(cfg.unet)
         self.ac = alphas_cumprod(cfg.scheduler).float().to(device)
+        self.pool = None
 
     def fresh(self):
         return UNet(self.cfg.unet)
 
-    def _captions(self, captions, indices):
+    def prepare(self, run: Path, d, dataset):
+        if self.tc.pool:
+            from .pool import build
+            self.pool = build(run / "pool", self.tc.pool, dataset, self.vae, self.text, self.device, self.tc, d)
+
+    def fetch(self, dataset, indices):
+        if self.pool is not None:
+            return None, None  # all the loss needs is in the pool
+        return super().fetch(dataset, indices)
+
+    def _dropped(self, indices) -> list[bool]:
         p, seed = self.tc.caption_dropout, self.tc.seed
-        return ["" if random.Random(f"drop/{seed}/{i}").random() < p else c for c, i in zip(captions, indices)]
+        return [random.Random(f"drop/{seed}/{i}").random() < p for i in indices]
 
     def loss(self, net, images, captions, indices):
-        with torch.no_grad():
-            x0 = self.vae.encode(to_unit(images.to(self.device)))
-            ctx, mask = self.text.encode_batch(self._captions(captions, indices))
+        if self.pool is not None:
+            x0, ctx, mask = self.pool.get(indices, self._dropped(indices), self.device)
+        else:
+            with torch.no_grad():
+                x0 = self.vae.encode(to_unit(images.to(self.device)))
+                captions = ["" if d else c for c, d in zip(captions, self._dropped(indices))]
+                ctx, mask = self.text.encode_batch(captions)
         B = x0.shape[0]
         gens = item_generators(self.tc.seed, indices)
         t = torch.cat([torch.randint(0, len(self.ac), (1,), generator=g) for g in gens]).to(x0.device)
