@@ -17,6 +17,18 @@ GENERATE_EXAMPLES = """examples:
 """
 
 
+EDIT_EXAMPLES = {
+    "img2img": """examples:
+  mezzotint img2img "a blue square" --image in.png --strength 0.6
+  mezzotint img2img "three green stars" --image photo.jpg --width 64 --height 64 --batch 4 --output edits/
+""",
+    "inpaint": """examples:
+  mezzotint inpaint "a yellow star" --image in.png --mask mask.png
+  mezzotint inpaint "a red circle to the left of a blue square" --image in.png --extend left=16,right=16
+""",
+}
+
+
 class UsageError(Exception):
     """Bad input from the command line: one line to the user, exit code 2."""
 
@@ -98,6 +110,37 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output", type=Path, default=Path("outputs"), metavar="PATH",
                    help="folder (default ./outputs) or, for one image, a .png path")
     add_generation_args(g)
+
+    for name, what in (("img2img", "redraw an image with a prompt (SDEdit)"),
+                       ("inpaint", "regenerate the masked part of an image, or grow its canvas (outpainting)")):
+        ed = sub.add_parser(name, help=what, description=f"{what[0].upper()}{what[1:]}. Paths written go to stdout.",
+                            formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EDIT_EXAMPLES[name])
+        ed.add_argument("prompt", help="what to draw")
+        ed.add_argument("--image", type=Path, required=True, metavar="IN.png",
+                        help="the input (any size and mode; transparency is flattened onto white)")
+        ed.add_argument("--strength", type=finite_float, default=0.75 if name == "img2img" else 1.0, metavar="S",
+                        help="how much to change, 0..1: 0 keeps the image, 1 ignores it "
+                             f"(default {0.75 if name == 'img2img' else 1.0})")
+        if name == "inpaint":
+            ed.add_argument("--mask", type=Path, metavar="MASK.png",
+                            help="white = regenerate, black (or transparent) = keep; same size as the image")
+            ed.add_argument("--extend", metavar="SIDES",
+                            help="outpainting: grow the canvas, e.g. left=16,right=16 (sides: left right top bottom)")
+            ed.add_argument("--mask-blur", type=finite_float, metavar="PX",
+                            help="soft edge of the composite, in pixels (default: 1 per 64 of the shorter side)")
+        ed.add_argument("--batch", type=int, default=1, metavar="N", help="images (seeds seed..seed+N-1)")
+        ed.add_argument("--output", type=Path, default=Path("outputs"), metavar="PATH",
+                        help="folder (default ./outputs) or, for one image, a .png path")
+        add_generation_args(ed)
+
+    x = sub.add_parser("explain", help="X-ray of one generation: denoising trajectory and per-word heat maps",
+                       description="Generate one image and write, into a new folder: the denoising trajectory "
+                       "(animated WebP and GIF, contact sheet), a cross-attention heat map per prompt word "
+                       "(DAAM) over the image, and index.html tying them together.")
+    x.add_argument("prompt", help="what to draw")
+    x.add_argument("--output", type=Path, metavar="DIR",
+                   help="a new (or empty) folder (default: the next free outputs/explain-NNNN)")
+    add_generation_args(x)
 
     sub.add_parser("samplers", help="list the samplers")
 

@@ -56,22 +56,16 @@ def _output_paths(out: Path, n: int, numbered_from_zero: bool) -> list[Path]:
     return [out / f"{start + k:04d}.png" for k in range(n)]
 
 
-def generate(args) -> int:
-    from tqdm import tqdm
-
-    from .metadata import save_png
-    from .pipeline import Pipeline, check_request, defaults_for, resolve_device, resolve_dtype
-
-    # 1. check everything cheap first: prompts, model files, request, device, output
-    if (args.prompt is None) == (args.prompt_file is None):
-        raise UsageError("give a PROMPT or --prompt-file, not both or neither")
-    prompts = _read_prompts(args.prompt_file) if args.prompt_file else [args.prompt] * args.batch
+def _prepare(args, prompts: list[str], numbered_from_zero: bool = False, size=None):
+    """Check the model, request, device and output before any weights load."""
+    from .pipeline import check_request, defaults_for, resolve_device, resolve_dtype
     if args.batch < 1:
         raise UsageError(f"--batch must be >= 1, got {args.batch}")
     model_path, cfg = _model_config(args.model)
+    width, height = size if size and args.width is None and args.height is None else (args.width, args.height)
     req = defaults_for(cfg, prompts[0], negative_prompt=args.negative_prompt, seed=args.seed,
-                       steps=args.steps, sampler=args.sampler, cfg=args.cfg, width=args.width,
-                       height=args.height, karras=args.karras, eta=args.eta)
+                       steps=args.steps, sampler=args.sampler, cfg=args.cfg, width=width,
+                       height=height, karras=args.karras, eta=args.eta)
     try:
         check_request(req, cfg)
         device = resolve_device(args.device)
@@ -79,21 +73,133 @@ def generate(args) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     _writable_target(args.output)
-    paths = _output_paths(args.output, len(prompts), args.prompt_file is not None)
+    return model_path, cfg, req, _output_paths(args.output, len(prompts), numbered_from_zero)
 
-    # 2. load once, then generate in batches; image i always gets seed + i
-    pipe = Pipeline.load(model_path, device=args.device, dtype=args.dtype)
-    bar = tqdm(total=len(prompts) * req.steps, desc="generating", unit="step", file=sys.stderr,
+
+def _produce(pipe, req, prompts, paths, batch: int, run, edit=None) -> int:
+    """Generate in batches (image i always gets seed + i), write each PNG, print its path."""
+    from tqdm import tqdm
+
+    from .metadata import save_png
+    steps = req.steps if edit is None or edit["strength"] >= 1 else int(req.steps * edit["strength"])
+    bar = tqdm(total=len(prompts) * steps, desc="generating", unit="step", file=sys.stderr,
                disable=os.environ.get("MEZZOTINT_NO_PROGRESS") == "1")
     Path(paths[0]).parent.mkdir(parents=True, exist_ok=True)
-    for i in range(0, len(prompts), args.batch):
-        chunk = prompts[i:i + args.batch]
-        step_req = req.for_image(i)
-        results = pipe(step_req, chunk, callback=lambda info: bar.update(len(chunk)))
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i:i + batch]
+        results = run(req.for_image(i), chunk, lambda info, n=len(chunk): bar.update(n))
         for k, res in enumerate(results):
-            path = save_png(res.image, paths[i + k], pipe.record(res.request))
-            print(path, flush=True)
+            print(save_png(res.image, paths[i + k], pipe.record(res.request, edit)), flush=True)
     bar.close()
+    return 0
+
+
+def generate(args) -> int:
+    from .pipeline import Pipeline
+    if (args.prompt is None) == (args.prompt_file is None):
+        raise UsageError("give a PROMPT or --prompt-file, not both or neither")
+    prompts = _read_prompts(args.prompt_file) if args.prompt_file else [args.prompt] * max(args.batch, 1)
+    model_path, cfg, req, paths = _prepare(args, prompts, args.prompt_file is not None)
+    pipe = Pipeline.load(model_path, device=args.device, dtype=args.dtype)
+    return _produce(pipe, req, prompts, paths, args.batch, lambda r, p, cb: pipe(r, p, callback=cb))
+
+
+def _open_image(path: Path, what: str):
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except FileNotFoundError:
+        raise UsageError(f"{what} not found: {path}") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise UsageError(f"{what} {path} is not an image we can read ({e})") from None
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _edit_size(image, cfg):
+    """Output size for an edited image: its own, moved to the nearest multiple of the factor."""
+    from .edit import fit_size
+    size = fit_size(*image.size, cfg.vae.factor)
+    if size != image.size:
+        print(f"note: {image.size[0]}x{image.size[1]} resized to {size[0]}x{size[1]} "
+              f"(a multiple of the autoencoder's factor {cfg.vae.factor})", file=sys.stderr)
+    return size
+
+
+def img2img(args) -> int:
+    from .pipeline import Pipeline
+    if not 0.0 <= args.strength <= 1.0:
+        raise UsageError(f"--strength must be in [0, 1], got {args.strength}")
+    image = _open_image(args.image, "--image")
+    _, cfg = _model_config(args.model)
+    prompts = [args.prompt] * max(args.batch, 1)
+    model_path, cfg, req, paths = _prepare(args, prompts, size=_edit_size(image, cfg))
+    pipe = Pipeline.load(model_path, device=args.device, dtype=args.dtype)
+    edit = {"mode": "img2img", "strength": args.strength, "image_sha256": _sha256(args.image)}
+    return _produce(pipe, req, prompts, paths, args.batch,
+                    lambda r, p, cb: pipe.img2img(r, image, args.strength, p, cb), edit)
+
+
+def inpaint(args) -> int:
+    from . import edit as ed
+    from .pipeline import Pipeline
+    if not 0.0 <= args.strength <= 1.0:
+        raise UsageError(f"--strength must be in [0, 1], got {args.strength}")
+    if args.mask_blur is not None and args.mask_blur < 0:
+        raise UsageError(f"--mask-blur must be >= 0 pixels, got {args.mask_blur}")
+    if (args.mask is None) == (args.extend is None):
+        raise UsageError("give --mask (inpainting) or --extend (outpainting), not both or neither")
+    image = ed.to_rgb(_open_image(args.image, "--image"))
+    if args.extend is not None:
+        try:
+            image, mask = ed.extend(image, ed.parse_extend(args.extend))
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    else:
+        mask = _open_image(args.mask, "--mask")
+        try:
+            ed.check_pair(image, mask)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    _, cfg = _model_config(args.model)
+    f = cfg.vae.factor
+    if args.extend is not None and (image.width % f or image.height % f):
+        raise UsageError(f"--extend makes a {image.width}x{image.height} canvas; the autoencoder needs "
+                         f"multiples of {f}: change the amounts so that width and height divide by {f}")
+    prompts = [args.prompt] * max(args.batch, 1)
+    model_path, cfg, req, paths = _prepare(args, prompts, size=_edit_size(image, cfg))
+    pipe = Pipeline.load(model_path, device=args.device, dtype=args.dtype)
+    edit = {"mode": "outpaint" if args.extend else "inpaint", "strength": args.strength,
+            "mask_blur": args.mask_blur, "image_sha256": _sha256(args.image),
+            **({"extend": ed.parse_extend(args.extend)} if args.extend else {"mask_sha256": _sha256(args.mask)})}
+    return _produce(pipe, req, prompts, paths, args.batch,
+                    lambda r, p, cb: pipe.inpaint(r, image, mask, args.strength, args.mask_blur, p, cb), edit)
+
+
+def explain(args) -> int:
+    from .explain import explain as run
+    from .pipeline import Pipeline
+    out = args.output
+    if out is None:
+        root = Path("outputs")
+        taken = [int(m.group(1)) for p in root.glob("explain-*") if (m := re.fullmatch(r"explain-(\d+)", p.name))]
+        out = root / f"explain-{max(taken, default=-1) + 1:04d}"
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"output {out} exists and is not an empty folder")
+    args.output, args.batch = out, 1
+    model_path, cfg, req, _ = _prepare(args, [args.prompt])
+    pipe = Pipeline.load(model_path, device=args.device, dtype=args.dtype)
+    from tqdm import tqdm
+    bar = tqdm(total=req.steps, desc="explaining", unit="step", file=sys.stderr,
+               disable=os.environ.get("MEZZOTINT_NO_PROGRESS") == "1")
+    expl = run(pipe, req, on_step=lambda info: bar.update(1))
+    bar.close()
+    print(expl.save(out) / "index.html")
     return 0
 
 

@@ -35,6 +35,11 @@ def a1111_parameters(record: dict) -> str:
               "Model hash": record["model"]["sha256"][:10], "Model": record["model"]["name"]}
     if r["sampler"] == "ddim" and r["eta"]:
         fields["Eta DDIM"] = r["eta"]
+    edit = record.get("edit")
+    if edit:
+        fields["Denoising strength"] = edit["strength"]
+        if edit.get("mask_blur") is not None:
+            fields["Mask blur"] = edit["mask_blur"]
     fields["Version"] = f"mezzotint {record['mezzotint']}"
     lines.append(", ".join(f"{k}: {_value(v)}" for k, v in fields.items()))
     return "\n".join(lines)

@@ -93,6 +93,11 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def _check_strength(strength: float) -> None:
+    if not (isinstance(strength, (int, float)) and 0.0 <= strength <= 1.0):
+        raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
+
+
 @dataclass
 class Result:
     image: Image.Image
@@ -141,25 +146,48 @@ class Pipeline:
         """Step 2: the noise levels the sampler walks down, ending at 0."""
         return get_sigmas(self.config.scheduler, req.steps, karras=req.karras).float().to(self.device)
 
-    def initial_latent(self, req: Request, gens: list, sigma_max: float) -> torch.Tensor:
-        """Step 3: seeded noise, drawn on the CPU so every device starts from the same latent.
+    def initial_latent(self, req: Request, gens: list, sigmas: torch.Tensor, init: torch.Tensor | None = None,
+                       strength: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step 3: the starting latent and the sigmas left to walk.
 
-        One generator per image; the sampler goes on drawing from the same ones, so image k
-        depends on seed + k alone.
+        Seeded noise, drawn on the CPU so every device starts from the same latent; one
+        generator per image, which the sampler goes on drawing from, so image k depends on
+        seed + k alone. Text to image (or strength 1): pure noise at sigmas[0]. From an image
+        (SDEdit, Meng et al. 2022): its latent plus noise at the level where the last
+        int(steps * strength) steps begin, as diffusers counts them; strength 0 runs no step.
         """
         f, c = self.config.vae.factor, self.config.unet.out_channels
         shape = (len(gens), c, req.height // f, req.width // f)
         noise = randn(shape, gens, self.device, torch.float32)
-        # the marginal of unit-variance latents at sigma has std sqrt(1 + sigma^2)
-        return noise * math.sqrt(1.0 + sigma_max**2)
+        if init is None or strength >= 1.0:
+            # the marginal of unit-variance latents at sigma has std sqrt(1 + sigma^2)
+            return noise * math.sqrt(1.0 + float(sigmas[0]) ** 2), sigmas
+        sigmas = sigmas[req.steps - min(int(req.steps * strength), req.steps):]
+        return init.to(self.device) + noise * sigmas[0], sigmas
 
-    def denoise(self, x, sigmas, req: Request, cond, uncond, gens, callback=None, extra=None):
-        """Step 4: run the sampler over the guided denoiser."""
+    def denoise(self, x, sigmas, req: Request, cond, uncond, gens, callback=None, extra=None, keep=None):
+        """Step 4: run the sampler over the guided denoiser. `keep` = (mask, latent): where the
+        latent mask is 0 the clean prediction is replaced by the known latent at every step
+        (inpainting with any model, as the A1111 web UI does), so those cells end exactly there."""
         guided = CFGDenoiser(self.denoiser, cond, uncond, req.cfg)
+        if keep is not None:
+            m, known = keep
+
+            def pinned(x, sigma, _d=guided):
+                return m * _d(x, sigma) + (1 - m) * known
+            guided = pinned
         options = {"eta": req.eta} if req.sampler == "ddim" else {}
         with torch.inference_mode():
             return SAMPLERS[req.sampler](guided, x, sigmas, extra=extra, generator=gens,
                                          callback=callback, **options)
+
+    def encode_image(self, image: Image.Image) -> torch.Tensor:
+        """Step 3a (editing): an RGB image -> its latent (1, c, h, w), the mean of q(z|x)."""
+        from .vae import to_unit
+        x = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)[None]
+        with torch.inference_mode():
+            vae_dtype = next(self.vae.parameters()).dtype
+            return self.vae.encode(to_unit(x).to(self.device, vae_dtype)).float()
 
     def decode(self, latent: torch.Tensor) -> list[Image.Image]:
         """Step 5: latents to 8-bit RGB images.
@@ -177,21 +205,76 @@ class Pipeline:
 
     def __call__(self, req: Request, prompts: list[str] | None = None, callback=None) -> list[Result]:
         """Text to image. `prompts` (default: [req.prompt]) is the batch; image k gets seed + k."""
+        return self._run(req, prompts, callback)
+
+    def img2img(self, req: Request, image: Image.Image, strength: float = 0.75,
+                prompts: list[str] | None = None, callback=None) -> list[Result]:
+        """Redraw `image` (any mode; resized to req's width x height) with the prompt (SDEdit).
+        strength 0 gives back the autoencoder's round trip of the image, 1 ignores it."""
+        from . import edit
+        _check_strength(strength)
+        image = edit.resize(edit.to_rgb(image), (req.width, req.height))
+        check_request(req, self.config)
+        return self._run(req, prompts, callback, init=self.encode_image(image), strength=strength)
+
+    def inpaint(self, req: Request, image: Image.Image, mask: Image.Image, strength: float = 1.0,
+                mask_blur: float | None = None, prompts: list[str] | None = None, callback=None) -> list[Result]:
+        """Regenerate `image` where `mask` is white. Outside the mask blurred by `mask_blur` pixels
+        (default: 1 per 64 of the shorter side) every output pixel is the input's.
+
+        A UNet with 2c + 1 input channels (an inpainting checkpoint) gets the mask and the
+        latent of the masked image as extra channels; any other keeps the known latent cells
+        pinned at every step."""
+        from . import edit
+        _check_strength(strength)
+        edit.check_pair(image, mask)
+        size = (req.width, req.height)
+        image, mask = edit.resize(edit.to_rgb(image), size), edit.resize(edit.to_mask(mask), size)
+        check_request(req, self.config)
+        blur = max(1, min(size) // 64) if mask_blur is None else mask_blur
+        weight = edit.soft_mask(mask, blur)
+        f, c = self.config.vae.factor, self.config.unet.out_channels
+        m = edit.latent_mask(mask, f).to(self.device)
+        init = self.encode_image(image)
+        concat, keep = None, (m, init)
+        if self.config.unet.in_channels == 2 * c + 1:
+            # as diffusers' StableDiffusionInpaintPipeline: masked pixels set to 0 (mid-gray)
+            hard = (np.asarray(mask, dtype=np.float32) / 255.0 >= 0.5)[..., None]
+            masked = Image.fromarray((np.asarray(image, dtype=np.float32) * (1 - hard) + 127.5 * hard).astype(np.uint8))
+            small = torch.nn.functional.interpolate(
+                torch.from_numpy(hard[..., 0].astype(np.float32))[None, None], size=m.shape[-2:]).to(self.device)
+            concat, keep = torch.cat([small, self.encode_image(masked)], dim=1), None
+        elif self.config.unet.in_channels != c:
+            raise ValueError(f"this UNet takes {self.config.unet.in_channels} input channels; inpainting "
+                             f"knows {c} (any model) and {2 * c + 1} (inpainting models)")
+        results = self._run(req, prompts, callback, init=init, strength=strength, keep=keep, concat=concat)
+        for r in results:
+            r.image = edit.composite(r.image, image, weight)
+        return results
+
+    def _run(self, req, prompts, callback, init=None, strength=1.0, keep=None, concat=None) -> list[Result]:
+        """The numbered steps, shared by text to image, img2img and inpainting."""
         prompts = [req.prompt] if prompts is None else list(prompts)
         check_request(req, self.config)
         cond, uncond = self.encode_prompts(prompts, req.negative_prompt)
-        sigmas = self.sigmas(req)
+        if concat is not None:
+            cond["concat"] = uncond["concat"] = concat.expand(len(prompts), *concat.shape[1:])
+        if keep is not None:
+            keep = tuple(t.to(self.device) for t in keep)
         gens = generators(req.seed, len(prompts))
-        x = self.initial_latent(req, gens, float(sigmas[0]))
-        latent = self.denoise(x, sigmas, req, cond, uncond, gens, callback)
+        x, sigmas = self.initial_latent(req, gens, self.sigmas(req), init, strength)
+        # strength below 1 / steps runs no step at all: the image's own latent comes back
+        latent = x if len(sigmas) < 2 else self.denoise(x, sigmas, req, cond, uncond, gens, callback, keep=keep)
         images = self.decode(latent)
         return [Result(img, replace(req.for_image(k), prompt=p), latent[k].cpu())
                 for k, (img, p) in enumerate(zip(images, prompts))]
 
-    def record(self, req: Request) -> dict:
-        """The JSON record stored in each PNG: enough to make the same image again."""
+    def record(self, req: Request, edit: dict | None = None) -> dict:
+        """The JSON record stored in each PNG: enough to make the same image again (with
+        `edit`, what img2img / inpainting started from: mode, strength, mask blur, input hashes)."""
         from . import __version__
-        return {"request": asdict(req),
+        extra = {"edit": edit} if edit else {}
+        return {"request": asdict(req), **extra,
                 "model": {"name": self.config.name, "path": self.path, "sha256": self.model_hash},
                 "device": self.device.type, "dtype": str(self.dtype).removeprefix("torch."),
                 "mezzotint": __version__}

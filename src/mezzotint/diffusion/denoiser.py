@@ -80,6 +80,9 @@ class Denoiser(nn.Module):
         # Run the network in its own dtype; keep t in float32 (fp16 cannot hold 999.5).
         dtype = self._model_dtype()
         x_in = x * c_in
+        concat = cond.pop("concat", None)
+        if concat is not None:  # inpainting UNets take [latent, mask, masked-image latent] channels
+            x_in = torch.cat([x_in, concat.to(x_in.dtype)], dim=1)
         if dtype is not None:
             x_in = x_in.to(dtype)
             cond = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in cond.items()}
