@@ -68,6 +68,7 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(kv_dim, inner, bias=qkv_bias)
         self.to_v = nn.Linear(kv_dim, inner, bias=qkv_bias)
         self.to_out = nn.ModuleList([nn.Linear(inner, dim)])
+        self.probe = None  # a callable that gets cross-attention weights (explain sets it)
 
     def forward(self, x, context=None, mask=None):
         # x: (B, N, dim); context: (B, L, context_dim); mask: (B, L) bool, True = attend
@@ -83,6 +84,11 @@ class Attention(nn.Module):
         q, k, v = (t.view(B, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2)
                    for t in (q, k, v))  # (B, heads, N|L, d)
         attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, L)
+        if self.probe is not None and context is not None:
+            w = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, heads, N, L)
+            if attn_mask is not None:
+                w = w.masked_fill(~attn_mask, float("-inf"))
+            self.probe(w.float().softmax(-1))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, N, d)
         out = out.transpose(1, 2).reshape(B, N, -1)
         return self.to_out[0](out)

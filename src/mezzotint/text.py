@@ -62,6 +62,15 @@ class TextEncoder(nn.Module):
         bos, eos = self._specials()
         return [[bos] + c + [eos] for c in chunks]
 
+    def token_strings(self, prompt: str) -> list[str]:
+        """The tokens behind each row of encode([prompt])[0] (CLIP chunks padded to the window)."""
+        out = []
+        for chunk in self.tokenize(prompt):
+            if self.cfg.kind == "clip":
+                chunk = chunk + [self._pad_id()] * (self.window - len(chunk))
+            out += self.tokenizer.convert_ids_to_tokens(chunk)
+        return out
+
     def _specials(self):
         tok = self.tokenizer
         if self.cfg.kind == "clip":
