@@ -140,7 +140,12 @@ def load_model(path, device="cpu", dtype=torch.float32) -> tuple[UNet, Autoencod
 def model_hash(path) -> str:
     """sha256 of the weight files (A1111 shows the first 10 hex digits as "Model hash")."""
     path = Path(path)
-    files = [path] if path.is_file() else [path / f"{n}.safetensors" for n in PARTS]
+    if path.is_file():
+        files = [path]
+    elif (path / "unet.safetensors").is_file():
+        files = [path / f"{n}.safetensors" for n in PARTS]
+    else:  # a diffusers folder: every weight file, in a fixed order
+        files = sorted(f for f in path.rglob("*") if f.suffix in (".safetensors", ".bin") and f.is_file())
     h = hashlib.sha256()
     for file in files:
         with open(file, "rb") as f:

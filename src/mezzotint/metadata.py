@@ -40,19 +40,34 @@ def a1111_parameters(record: dict) -> str:
         fields["Denoising strength"] = edit["strength"]
         if edit.get("mask_blur") is not None:
             fields["Mask blur"] = edit["mask_blur"]
+    if record.get("loras"):
+        fields["Lora hashes"] = ", ".join(f"{Path(x['path']).stem}: {x['sha256'][:12]}" for x in record["loras"])
     fields["Version"] = f"mezzotint {record['mezzotint']}"
     lines.append(", ".join(f"{k}: {_value(v)}" for k, v in fields.items()))
     return "\n".join(lines)
 
 
-def save_png(image: Image.Image, path, record: dict) -> Path:
-    """Write the image with both chunks, atomically (temp file + rename)."""
+def _pnginfo(record: dict) -> PngImagePlugin.PngInfo:
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", a1111_parameters(record))
     info.add_text(RECORD_KEY, json.dumps(record, sort_keys=True))
+    return info
+
+
+def save_png(image: Image.Image, path, record: dict) -> Path:
+    """Write the image with both chunks, atomically (temp file + rename)."""
+    info = _pnginfo(record)
     path = Path(path)
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
     return path
+
+
+def png_bytes(image: Image.Image, record: dict) -> bytes:
+    """The bytes save_png writes, in memory (the server's responses)."""
+    import io
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=_pnginfo(record))
+    return buf.getvalue()
 
 
 def read_record(path) -> dict:

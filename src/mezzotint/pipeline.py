@@ -112,18 +112,58 @@ class Pipeline:
         self.device, self.dtype, self.path = torch.device(device), dtype, path
         self.denoiser = Denoiser(unet, config.scheduler)
         self._hash = None
+        self.lora_dir: Path | None = None  # where <lora:name:weight> prompt tags are looked up
+        self.extra_loras: list[tuple[str, float]] = []  # applied to every generation (--lora FILE:WEIGHT)
+        self._applied: list[tuple[tuple[str, float], object]] = []  # ((path, weight), undo handle)
+        self._lora_hashes: dict[str, str] = {}
+
+    # -- LoRA ----------------------------------------------------------------------------------
+
+    def _loras_for(self, prompts: list[str]) -> tuple[list[str], list[tuple[str, float]]]:
+        """Prompts without their <lora:name:weight> tags, and the LoRA files they (and
+        extra_loras) ask for. One batch shares its weights, so its prompts must agree."""
+        from .sd import find_lora, parse_lora_tags
+        parsed = [parse_lora_tags(p) for p in prompts]
+        tags = {tuple(t) for _, t in parsed}
+        if len(tags) > 1:
+            raise ValueError("the prompts of one batch name different LoRAs; generate them in separate batches")
+        wanted = [(str(Path(f).resolve()), float(w)) for f, w in self.extra_loras]
+        for name, weight in next(iter(tags)):
+            if self.lora_dir is None:
+                raise ValueError(f"the prompt names <lora:{name}> but no LoRA folder is set (--lora-dir)")
+            wanted.append((str(find_lora(name, self.lora_dir).resolve()), weight))
+        return [clean for clean, _ in parsed], wanted
+
+    def set_loras(self, wanted: list[tuple[str, float]]) -> None:
+        """Make exactly these (file, weight) LoRAs merged into the weights (undo in reverse order)."""
+        from .sd import apply_lora
+        if [w for w, _ in self._applied] == list(wanted):
+            return
+        while self._applied:
+            self._applied.pop()[1].undo()
+        for path, weight in wanted:
+            self._applied.append(((path, weight), apply_lora(self.unet, self.text, path, weight)))
+            if path not in self._lora_hashes:
+                self._lora_hashes[path] = checkpoints.model_hash(path)
+
+    @property
+    def loras(self) -> list[dict]:
+        return [{"path": p, "weight": w, "sha256": self._lora_hashes[p]} for (p, w), _ in self._applied]
 
     @classmethod
     def load(cls, path, device="auto", dtype: str | None = None) -> "Pipeline":
+        from .sd import is_sd_checkpoint, load_sd
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
-        unet, vae, cfg = checkpoints.load_model(path, dev, dt)
+        if is_sd_checkpoint(path):  # Stable Diffusion single file or diffusers folder
+            unet, vae, text, cfg = load_sd(path, dev, dt)
+        else:
+            unet, vae, cfg = checkpoints.load_model(path, dev, dt)
+            base = Path(path) if Path(path).is_dir() else Path(path).parent
+            text = load_text_encoder(cfg.text, base, dev, dt if dev.type != "cpu" else torch.float32)
         # fp16 overflows in the autoencoder's decoder (a known SD issue); keep it in fp32
         if dt == torch.float16:
             vae = vae.float()
-        base = Path(path) if Path(path).is_dir() else Path(path).parent
-        text_dtype = dt if dev.type != "cpu" else torch.float32
-        text = load_text_encoder(cfg.text, base, dev, text_dtype)
         return cls(unet, vae, text, cfg, dev, dt, str(Path(path).resolve()))
 
     @property
@@ -256,7 +296,9 @@ class Pipeline:
         """The numbered steps, shared by text to image, img2img and inpainting."""
         prompts = [req.prompt] if prompts is None else list(prompts)
         check_request(req, self.config)
-        cond, uncond = self.encode_prompts(prompts, req.negative_prompt)
+        clean, wanted = self._loras_for(prompts)
+        self.set_loras(wanted)
+        cond, uncond = self.encode_prompts(clean, req.negative_prompt)
         if concat is not None:
             cond["concat"] = uncond["concat"] = concat.expand(len(prompts), *concat.shape[1:])
         if keep is not None:
@@ -274,6 +316,8 @@ class Pipeline:
         `edit`, what img2img / inpainting started from: mode, strength, mask blur, input hashes)."""
         from . import __version__
         extra = {"edit": edit} if edit else {}
+        if self._applied:
+            extra["loras"] = self.loras
         return {"request": asdict(req), **extra,
                 "model": {"name": self.config.name, "path": self.path, "sha256": self.model_hash},
                 "device": self.device.type, "dtype": str(self.dtype).removeprefix("torch."),
