@@ -40,3 +40,17 @@ def test_default_model_image_is_not_noise(pipe):
     # a flat background dominates a Shapes world image
     values, counts = np.unique(a // 8, axis=0, return_counts=True)
     assert counts.max() > 0.5 * len(a)
+
+
+@pytest.mark.parametrize("prompt,left,right", [
+    ("a red circle to the left of a blue square", "circle", "square"),
+    ("a green star to the right of a yellow triangle", "triangle", "star"),
+])
+def test_heat_maps_put_each_word_where_its_object_is(pipe, prompt, left, right):
+    """The X-ray's test of meaning: over a set of seeds, the attention of the word named on
+    the left lies mostly on the left half, and that of the other on the right half."""
+    from mezzotint.explain import explain
+    seeds = range(8)
+    shares = [explain(pipe, defaults_for(pipe.config, prompt, seed=s)) for s in seeds]
+    hits = [e.share_left(left) > 0.5 > e.share_left(right) for e in shares]
+    assert sum(hits) >= 6, [(round(e.share_left(left), 2), round(e.share_left(right), 2)) for e in shares]

@@ -69,6 +69,23 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
                    help="precision (default float32 on CPU, float16 on CUDA)")
 
 
+def lora_spec(text: str) -> tuple[Path, float]:
+    """FILE or FILE:WEIGHT (the weight after the last colon, if it is a number)."""
+    head, _, tail = text.rpartition(":")
+    try:
+        return (Path(head), float(tail)) if head else (Path(text), 1.0)
+    except ValueError:
+        return Path(text), 1.0
+
+
+def add_lora_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("LoRA (Stable Diffusion models)")
+    g.add_argument("--lora", type=lora_spec, action="append", default=[], metavar="FILE:WEIGHT",
+                   help="merge this LoRA (kohya/A1111 or diffusers/PEFT layout) at WEIGHT (default 1); repeatable")
+    g.add_argument("--lora-dir", type=Path, metavar="DIR",
+                   help="folder where <lora:name:weight> tags in the prompt are looked up")
+
+
 def add_training_args(p: argparse.ArgumentParser, unet: bool) -> None:
     import dataclasses
 
@@ -110,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output", type=Path, default=Path("outputs"), metavar="PATH",
                    help="folder (default ./outputs) or, for one image, a .png path")
     add_generation_args(g)
+    add_lora_args(g)
 
     for name, what in (("img2img", "redraw an image with a prompt (SDEdit)"),
                        ("inpaint", "regenerate the masked part of an image, or grow its canvas (outpainting)")):
@@ -132,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
         ed.add_argument("--output", type=Path, default=Path("outputs"), metavar="PATH",
                         help="folder (default ./outputs) or, for one image, a .png path")
         add_generation_args(ed)
+        add_lora_args(ed)
 
     x = sub.add_parser("explain", help="X-ray of one generation: denoising trajectory and per-word heat maps",
                        description="Generate one image and write, into a new folder: the denoising trajectory "
@@ -141,8 +160,37 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--output", type=Path, metavar="DIR",
                    help="a new (or empty) folder (default: the next free outputs/explain-NNNN)")
     add_generation_args(x)
+    add_lora_args(x)
+
+    c = sub.add_parser("convert", help="convert a model between formats",
+                       description="Convert a Stable Diffusion single file (.safetensors, or .ckpt read "
+                       "without running code), a diffusers folder, or a mezzotint model into another format.")
+    c.add_argument("source", type=Path, help="model file or folder")
+    c.add_argument("--to", choices=["mezzotint", "diffusers", "original"], default="mezzotint",
+                   help="mezzotint folder, diffusers folder, or one original-layout .safetensors (default mezzotint)")
+    c.add_argument("--output", type=Path, required=True, metavar="PATH", help="new folder (or .safetensors file)")
+    c.add_argument("--prediction", choices=["eps", "v"], help="override what the UNet predicts (when the file cannot tell)")
 
     sub.add_parser("samplers", help="list the samplers")
+
+    s = sub.add_parser("serve", help="HTTP server: JSON API, AUTOMATIC1111-compatible API, web page",
+                       description="Serve a model over HTTP: a native job API (/api/v1, OpenAPI at "
+                       "/openapi.json), AUTOMATIC1111-compatible routes (/sdapi/v1) and a web page (/).")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=7860, help="port (default 7860, as A1111 clients expect)")
+    s.add_argument("--model", type=Path, metavar="PATH", help="model to load (default: built-in)")
+    s.add_argument("--models-dir", type=Path, metavar="DIR",
+                   help="more models (folders or .safetensors) that clients may switch to")
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    s.add_argument("--token", help="require `Authorization: Bearer TOKEN` (or basic auth, password TOKEN) "
+                   "on every API route; also read from $MEZZOTINT_TOKEN")
+    s.add_argument("--max-queue", type=int, default=16, metavar="N", help="pending jobs before 503 (default 16)")
+    s.add_argument("--max-width", type=int, default=1024, metavar="PX", help="default 1024")
+    s.add_argument("--max-height", type=int, default=1024, metavar="PX", help="default 1024")
+    s.add_argument("--max-steps", type=int, default=150, metavar="N", help="default 150")
+    s.add_argument("--max-batch", type=int, default=8, metavar="N", help="images per job (default 8)")
+    s.add_argument("--max-body-mb", type=finite_float, default=32.0, metavar="N", help="request size (default 32)")
 
     r = sub.add_parser("reproduce", help="regenerate an image from its metadata and compare pixels")
     r.add_argument("image", type=Path)

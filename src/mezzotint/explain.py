@@ -95,8 +95,10 @@ class Explanation:
     heatmaps: np.ndarray = field(repr=False)  # (words, H, W), each summed over heads, layers, steps
 
     def share_left(self, word: str) -> float:
-        """The share of `word`'s attention mass on the left half of the image."""
+        """The share of `word`'s attention above its own mean (the map's floor left out) that
+        lies on the left half of the image."""
         m = self.heatmaps[self.words.index(word)]
+        m = np.clip(m - m.mean(), 0, None)
         return float(m[:, : m.shape[1] // 2].sum() / max(m.sum(), 1e-12))
 
     def save(self, folder, scale: int | None = None) -> Path:
