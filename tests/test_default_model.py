@@ -27,7 +27,7 @@ def test_generate_uses_the_default_model(tmp_path, capsys):
 
 
 def test_default_model_draws_single_objects_in_the_named_colour(pipe):
-    # the first 8 "colors" prompts of the eval set; the shipped model scored 0.86 on 50 of them
+    # the first 8 "colors" prompts of the eval set; the shipped model scored 0.96 on 50 of them
     prompts = [c for c, cat in prompt_set(8, seed=0) if cat == "colors"]
     results = pipe(defaults_for(pipe.config, prompts[0], seed=0), prompts)
     verdicts = [judge(r.image, p) for r, p in zip(results, prompts)]
@@ -42,15 +42,37 @@ def test_default_model_image_is_not_noise(pipe):
     assert counts.max() > 0.5 * len(a)
 
 
+def _centre(heat: np.ndarray) -> tuple[float, float]:
+    """Centre of a heat map's mass above its mean, as fractions of width and height."""
+    m = np.clip(heat - heat.mean(), 0, None)
+    ys, xs = np.mgrid[0:m.shape[0], 0:m.shape[1]]
+    return float((m * xs).sum() / m.sum() / m.shape[1]), float((m * ys).sum() / m.sum() / m.shape[0])
+
+
 @pytest.mark.parametrize("prompt,left,right", [
-    ("a red circle to the left of a blue square", "circle", "square"),
-    ("a green star to the right of a yellow triangle", "triangle", "star"),
+    ("a red circle to the left of a blue square", ("red", "circle"), ("blue", "square")),
+    ("a green star to the right of a yellow triangle", ("yellow", "triangle"), ("green", "star")),
 ])
 def test_heat_maps_put_each_word_where_its_object_is(pipe, prompt, left, right):
-    """The X-ray's test of meaning: over a set of seeds, the attention of the word named on
-    the left lies mostly on the left half, and that of the other on the right half."""
+    """The X-ray's test of meaning, over 32 seeds, counted per shape word. (1) Wherever the judge
+    finds both named objects, the word's attention is centred nearer its own object than the
+    other one. (2) In the images drawn right (judged correct: `left` really is on the left), the
+    attention of the word named on the left lies mostly on the left half, the other's on the
+    right half. The shipped model gets 75-90 % of words right on (1); chance is 50 %."""
+    from mezzotint.evaluate.judge import detect
     from mezzotint.explain import explain
-    seeds = range(8)
-    shares = [explain(pipe, defaults_for(pipe.config, prompt, seed=s)) for s in seeds]
-    hits = [e.share_left(left) > 0.5 > e.share_left(right) for e in shares]
-    assert sum(hits) >= 6, [(round(e.share_left(left), 2), round(e.share_left(right), 2)) for e in shares]
+    near, sides = [], []
+    for seed in range(32):
+        e = explain(pipe, defaults_for(pipe.config, prompt, seed=seed), trajectory=False)
+        _, found = detect(e.result.image)
+        objs = [[f for f in found if (f.colour, f.shape) == look] for look in (left, right)]
+        if not all(len(o) == 1 for o in objs):
+            continue
+        (a,), (b,) = objs
+        ca, cb = (_centre(e.heatmaps[e.words.index(look[1])]) for look in (left, right))
+        dist = lambda c, o: np.hypot(c[0] - o.x, c[1] - o.y)  # noqa: E731
+        near += [dist(ca, a) < dist(ca, b), dist(cb, b) < dist(cb, a)]
+        if judge(e.result.image, prompt).correct:
+            sides += [e.share_left(left[1]) > 0.5, e.share_left(right[1]) < 0.5]
+    assert len(near) >= 8 and sum(near) >= 0.7 * len(near), near
+    assert sum(sides) >= 0.7 * len(sides), sides

@@ -86,6 +86,15 @@ def add_lora_args(p: argparse.ArgumentParser) -> None:
                    help="folder where <lora:name:weight> tags in the prompt are looked up")
 
 
+def add_image_args(p: argparse.ArgumentParser, batch_help: str) -> None:
+    """--batch, --output, then the generation and LoRA options (generate, img2img, inpaint)."""
+    p.add_argument("--batch", type=int, default=1, metavar="N", help=batch_help)
+    p.add_argument("--output", type=Path, default=Path("outputs"), metavar="PATH",
+                   help="folder (default ./outputs) or, for one image, a .png path")
+    add_generation_args(p)
+    add_lora_args(p)
+
+
 def add_training_args(p: argparse.ArgumentParser, unet: bool) -> None:
     import dataclasses
 
@@ -123,11 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", nargs="?", help="what to draw")
     g.add_argument("--prompt-file", type=Path, metavar="FILE",
                    help="one prompt a line, one image each, written as 0000.png, 0001.png, ... into --output")
-    g.add_argument("--batch", type=int, default=1, metavar="N", help="images per forward pass (default 1)")
-    g.add_argument("--output", type=Path, default=Path("outputs"), metavar="PATH",
-                   help="folder (default ./outputs) or, for one image, a .png path")
-    add_generation_args(g)
-    add_lora_args(g)
+    add_image_args(g, "images per forward pass (default 1)")
 
     for name, what in (("img2img", "redraw an image with a prompt (SDEdit)"),
                        ("inpaint", "regenerate the masked part of an image, or grow its canvas (outpainting)")):
@@ -146,11 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
                             help="outpainting: grow the canvas, e.g. left=16,right=16 (sides: left right top bottom)")
             ed.add_argument("--mask-blur", type=finite_float, metavar="PX",
                             help="soft edge of the composite, in pixels (default: 1 per 64 of the shorter side)")
-        ed.add_argument("--batch", type=int, default=1, metavar="N", help="images (seeds seed..seed+N-1)")
-        ed.add_argument("--output", type=Path, default=Path("outputs"), metavar="PATH",
-                        help="folder (default ./outputs) or, for one image, a .png path")
-        add_generation_args(ed)
-        add_lora_args(ed)
+        add_image_args(ed, "images (seeds seed..seed+N-1)")
 
     x = sub.add_parser("explain", help="X-ray of one generation: denoising trajectory and per-word heat maps",
                        description="Generate one image and write, into a new folder: the denoising trajectory "

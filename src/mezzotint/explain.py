@@ -105,10 +105,10 @@ class Explanation:
         return write(self, folder, scale)
 
 
-def explain(pipe: Pipeline, req: Request, on_step=None) -> Explanation:
+def explain(pipe: Pipeline, req: Request, on_step=None, trajectory: bool = True) -> Explanation:
     """Generate one image for `req`, recording its trajectory and word heat maps.
     on_step({i, n, sigma, preview}) is called after each step; preview() decodes the predicted
-    clean image (for live previews)."""
+    clean image (for live previews). trajectory=False skips decoding the frames (maps only)."""
     f = pipe.config.vae.factor
     latents, denoised, sig = [], [], []
 
@@ -128,8 +128,8 @@ def explain(pipe: Pipeline, req: Request, on_step=None) -> Explanation:
     total = acc[0][0] if acc[0] is not None else torch.zeros(len(tokens), req.height, req.width)
     maps = np.stack([total[idx].sum(0).numpy() for _, idx in groups]) if groups else \
         np.zeros((0, req.height, req.width), np.float32)
-    noisy = [pipe.decode(z)[0] for z in latents]
-    predicted = [pipe.decode(z)[0] for z in denoised]
+    noisy = [pipe.decode(z)[0] for z in latents] if trajectory else []
+    predicted = [pipe.decode(z)[0] for z in denoised] if trajectory else []
     return Explanation(result, sig, noisy, predicted, [w for w, _ in groups], maps)
 
 
