@@ -226,10 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import commands
+    from . import commands, commands_train
     args = build_parser().parse_args(argv)
+    name = args.command.replace("-", "_")
     try:
-        return getattr(commands, args.command.replace("-", "_"))(args)
+        return (getattr(commands, name, None) or getattr(commands_train, name))(args)
     except UsageError as e:
         print(f"mezzotint: error: {e}", file=sys.stderr)
         return 2

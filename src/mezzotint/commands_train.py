@@ -1,0 +1,101 @@
+"""The commands that make and judge models: new-model, train-vae, train, eval."""
+from __future__ import annotations
+
+import os
+import sys
+
+from .cli import UsageError
+from .commands import _model_config, _writable_target
+
+
+def new_model(args) -> int:
+    import torch
+
+    from .checkpoints import save_model
+    from .config import PRESETS
+    from .unet import UNet
+    from .vae import AutoencoderKL
+    if args.preset not in PRESETS:
+        raise UsageError(f"unknown preset {args.preset!r}; allowed: {', '.join(PRESETS)}")
+    _writable_target(args.output)
+    cfg = PRESETS[args.preset]
+    torch.manual_seed(args.seed)
+    print(save_model(args.output, UNet(cfg.unet), AutoencoderKL(cfg.vae), cfg))
+    return 0
+
+
+def _train_config(args):
+    import dataclasses
+
+    from .config import TrainConfig
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    tc = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    if tc.steps < 1 or tc.batch < 1 or tc.accum < 1:
+        raise UsageError("--steps, --batch and --accum must be >= 1")
+    if tc.precision not in ("fp32", "bf16", "fp16"):
+        raise UsageError(f"unknown precision {tc.precision!r}; allowed: fp32, bf16, fp16")
+    from .config import PRESETS
+    if args.preset not in PRESETS:
+        raise UsageError(f"unknown preset {args.preset!r}; allowed: {', '.join(PRESETS)}")
+    return tc
+
+
+def train_vae(args) -> int:
+    from .train import train_vae as run
+    tc = _train_config(args)
+    try:
+        print(run(tc, args.preset, args.init, args.stop_after, args.decoder_only))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return 0
+
+
+def train(args) -> int:
+    from .train import train_unet as run
+    tc = _train_config(args)
+    try:
+        print(run(tc, args.preset, args.vae, args.init, args.prediction, args.stop_after))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return 0
+
+
+def eval(args) -> int:  # noqa: A001 (the command's name)
+    from tqdm import tqdm
+
+    from .evaluate.run import eval_prompts, evaluate, judge_ground_truth, report, write_json
+    from .pipeline import Pipeline, check_request, defaults_for, resolve_device, resolve_dtype
+    if args.per_category < 1 or args.batch < 1:
+        raise UsageError("--per-category and --batch must be >= 1")
+    model_path, cfg = _model_config(args.model)
+    req = defaults_for(cfg, "", negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps,
+                       sampler=args.sampler, cfg=args.cfg, width=args.width, height=args.height,
+                       karras=args.karras, eta=args.eta)
+    try:
+        check_request(req, cfg)
+        resolve_dtype(args.dtype, resolve_device(args.device))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.json:
+        _writable_target(args.json)
+    if args.autoencoder:
+        from .checkpoints import load_vae
+        from .evaluate.run import autoencoder_round_trip
+        n = 5 * args.per_category  # 250 scenes at the default 50
+        acc = autoencoder_round_trip(load_vae(model_path), n=n, size=req.width)
+        print(f"autoencoder round trip: judge accuracy {acc:.3f} on {n} ground-truth renders")
+        return 0
+    n = len(eval_prompts(args.per_category, args.prompt_seed, args.phrasing))
+    gt = judge_ground_truth(200, size=req.width)
+    pipe = Pipeline.load(model_path, device=args.device, dtype=args.dtype)
+    bar = tqdm(total=n, desc="eval", unit="img", file=sys.stderr,
+               disable=os.environ.get("MEZZOTINT_NO_PROGRESS") == "1")
+    table, rows = evaluate(pipe, req, args.per_category, args.prompt_seed, args.phrasing, args.batch,
+                           args.save_images, progress=bar.update)
+    bar.close()
+    print(report(table, gt, args.phrasing))
+    if args.json:
+        from dataclasses import asdict
+        write_json(args.json, table, rows, {"model": str(model_path), "request": asdict(req),
+                                            "phrasing": args.phrasing, "judge_ground_truth": gt})
+    return 0
