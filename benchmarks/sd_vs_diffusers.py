@@ -1,6 +1,6 @@
 """Stable Diffusion 1.5 in mezzotint vs diffusers on the CPU: speed and memory, side by side.
 
-    python benchmarks/sd_vs_diffusers.py [--sizes 256 512] [--runs 2] [--steps 20] [--modes exact]
+    python benchmarks/sd_vs_diffusers.py [--sizes 256 512] [--runs 2] [--steps 20] [--modes exact fast]
     python benchmarks/sd_vs_diffusers.py --tiny --sizes 64 --steps 2 --runs 1   # check the script quickly
 
 Random weights with SD 1.5's shapes (about 1.1 B parameters, fp32) are built once into
@@ -14,7 +14,10 @@ initial latent, Euler sampler, steps, cfg 7.5 and all cores. Measured:
   - peak resident memory of the process: ru_maxrss and VmHWM;
   - the mean absolute difference of the two images, in 1/255 (same weights: should be < 1);
   - the UNet's GFLOP/s in mezzotint (FLOPs of one guided call, batch 2, from FlopCounterMode)
-    against the machine's fp32 matmul peak (the best torch.mm GFLOP/s).
+    against the machine's fp32 matmul peak (the best of torch.mm, which is MKL's sgemm, and
+    oneDNN's GEMM: on some CPUs the latter is twice the former);
+  - fast mode (`--dtype fast`): the relative L2 error of every UNet call of the float32
+    trajectory and of the decoder call, against float32 on the same inputs.
 Each target is printed beside its measurement, marked met or not. Timings need an otherwise
 idle machine: the load average is printed first.
 """
@@ -32,12 +35,11 @@ import time
 from pathlib import Path
 
 PROMPT, SEED, CFG = "a photograph of an astronaut riding a horse", 42, 7.5
-TARGETS = {"time": 0.87, "rss": 0.70, "unet": 0.90}  # mezzotint/diffusers <=, <=; share of matmul peak >=
+TARGETS = {"time": 0.87, "rss": 0.70, "unet": 0.90,  # mezzotint/diffusers <=, <=; share of matmul peak >=
+           "fast_time": 1 / 3, "fast_error": 0.02}  # fast/diffusers <=; relative L2 error per call <=
 
-# mezzotint's modes: each takes the loaded Pipeline and returns the one to measure (its
-# generation, and its pipe.unet for GFLOP/s). Extension point: a future "fast" mode is one
-# more entry here, and --modes picks it up.
-MODES = {"exact": lambda pipe: pipe}
+# mezzotint's modes: the dtype argument of Pipeline.load
+MODES = {"exact": "float32", "fast": "fast"}
 
 # diffusers' UNet2DConditionModel defaults are SD 1.5's but for cross_attention_dim
 SD15 = dict(unet=dict(sample_size=64, cross_attention_dim=768),
@@ -123,7 +125,7 @@ def child_diffusers(a) -> dict:
 
 def mezzotint_pipeline(a):
     from mezzotint.pipeline import Pipeline
-    return MODES[a.mode](Pipeline.load(model_paths(a)[1], "cpu", "float32"))
+    return Pipeline.load(model_paths(a)[1], "cpu", MODES[a.mode])
 
 
 def child_mezzotint(a) -> dict:
@@ -144,8 +146,10 @@ def child_unet(a) -> dict:
     import torch.utils.flop_counter as fc
     pipe = mezzotint_pipeline(a)
     f, c = pipe.config.vae.factor, pipe.config.unet.in_channels
-    x = torch.randn(2, c, a.size // f, a.size // f, generator=torch.Generator().manual_seed(0))
+    dt = next(pipe.unet.parameters()).dtype
+    x = torch.randn(2, c, a.size // f, a.size // f, generator=torch.Generator().manual_seed(0)).to(dt)
     ctx, mask = pipe.text.encode(["", PROMPT])
+    ctx = ctx.to(dt)
     t = torch.full((2,), 500.0)
     # PyTorch has no formula for its CPU flash-attention kernel: count it as the others are
     cpu_sdpa = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
@@ -162,21 +166,54 @@ def child_unet(a) -> dict:
 
 
 def child_peak(a) -> dict:
-    """The machine's fp32 matmul peak: the best GFLOP/s of torch.mm on large square matrices."""
+    """The machine's fp32 matmul peak: the best GFLOP/s on large square matrices of torch.mm
+    (MKL) and of oneDNN's GEMM (which mezzotint's linear layers use)."""
     import torch
-    best = 0.0
+    best = {"mkl": 0.0, "onednn": 0.0}
+    gemms = {"mkl": lambda x, y: torch.mm(x, y), "onednn": lambda x, y: torch.ops.mkldnn._linear_pointwise(
+        x, y, None, "none", [], "")}  # x @ y.T: the same FLOPs
     for n in (2048, 4096):
-        x, y, out = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
-        torch.mm(x, y, out=out)  # warm-up
-        for _ in range(3):
-            t0 = time.perf_counter()
-            torch.mm(x, y, out=out)
-            best = max(best, 2 * n**3 / (time.perf_counter() - t0) / 1e9)
-    return {"gflops": best}
+        x, y = torch.randn(n, n), torch.randn(n, n)
+        for name, f in gemms.items():
+            f(x, y)  # warm-up
+            for _ in range(3):
+                t0 = time.perf_counter()
+                f(x, y)
+                best[name] = max(best[name], 2 * n**3 / (time.perf_counter() - t0) / 1e9)
+    return {"gflops": max(best.values()), **best}
+
+
+def child_error(a) -> dict:
+    """Fast mode's error: every UNet call of a float32 generation (its guided batch of 2),
+    and the decoder call on its final latent, run in float32 and in fast mode on the same
+    inputs; relative L2 error ||fast - fp32|| / ||fp32|| of each output."""
+    import torch
+
+    from mezzotint.pipeline import Pipeline, Request
+    exact, fast = (Pipeline.load(model_paths(a)[1], "cpu", m) for m in ("float32", MODES[a.mode]))
+    calls = []
+    hook = exact.unet.register_forward_hook(lambda m, args, kw, out: calls.append((args, kw, out.clone())),
+                                            with_kwargs=True)
+    [res] = exact(Request(prompt=PROMPT, seed=SEED, steps=a.steps, sampler="euler", cfg=CFG, width=a.size,
+                          height=a.size, karras=False))
+    hook.remove()
+    dt = next(fast.unet.parameters()).dtype
+
+    def cast(v, i):  # as the Denoiser does: the timestep (argument 1) stays float32
+        return v.to(dt) if torch.is_tensor(v) and v.is_floating_point() and i != 1 else v
+
+    def rel(y, ref):
+        return float((y.float() - ref).norm() / ref.norm())
+    with torch.inference_mode():
+        unet = [rel(fast.unet(*(cast(v, i) for i, v in enumerate(args)), **{k: cast(v, -1) for k, v in kw.items()}),
+                    out) for args, kw, out in calls]
+        z = res.latent[None]
+        decoder = rel(fast.vae.decode(z.to(dt)), exact.vae.decode(z))
+    return {"dtype": str(dt).removeprefix("torch."), "unet": unet, "decoder": decoder}
 
 
 CHILDREN = {"build": child_build, "diffusers": child_diffusers, "mezzotint": child_mezzotint,
-            "unet": child_unet, "peak": child_peak}
+            "unet": child_unet, "peak": child_peak, "error": child_error}
 
 
 # -- the parent: never imports torch, so no child starts from a large process ------------------
@@ -228,6 +265,11 @@ def bench_size(a, size: int, tmp: Path) -> list[bool]:
         n, m = f"mezzotint {mode}", med[f"mezzotint {mode}"]
         gen, load, rss = m["generate_s"] / d["generate_s"], m["load_s"] / d["load_s"], m["hwm_mib"] / d["hwm_mib"]
         diff = max(image_diff(x["png"], y["png"]) for x in runs[n] for y in runs["diffusers"])
+        if mode == "fast":
+            met.append(gen <= TARGETS["fast_time"])
+            print(f"  {n} / diffusers: generate {gen:.2f} = {1 / gen:.2f}x faster (target >= 3x: {mark(met[-1])}), "
+                  f"load {load:.2f}, peak RSS {rss:.2f}; mean |image difference| {diff:.3f}/255")
+            continue
         met += [gen <= TARGETS["time"], rss <= TARGETS["rss"], diff < 1]
         print(f"  {n} / diffusers: generate {gen:.2f} (target <= {TARGETS['time']}: {mark(met[-3])}), "
               f"load {load:.2f}, peak RSS {rss:.2f} (target <= {TARGETS['rss']}: {mark(met[-2])})")
@@ -236,10 +278,25 @@ def bench_size(a, size: int, tmp: Path) -> list[bool]:
     return met
 
 
+def bench_error(a) -> list[bool]:
+    met = []
+    for size in a.sizes:
+        r = run_child(a, "error", size=size, mode="fast")
+        worst = max(r["unet"])
+        met += [worst <= TARGETS["fast_error"], r["decoder"] <= TARGETS["fast_error"]]
+        print(f"fast mode ({r['dtype']}) vs float32, {size}x{size}, relative L2 error per call (target <= "
+              f"{TARGETS['fast_error']:.0%}): UNet, {len(r['unet'])} calls: largest {worst:.2%}, median "
+              f"{statistics.median(r['unet']):.2%} ({mark(met[-2])}); decoder {r['decoder']:.2%} ({mark(met[-1])})")
+    print()
+    return met
+
+
 def bench_unet(a) -> list[bool]:
-    peak = run_child(a, "peak")["gflops"]
+    p = run_child(a, "peak")
+    peak = p["gflops"]
     print(f"UNet throughput in mezzotint (one guided call, batch 2; median of {a.unet_calls} calls) against "
-          f"the fp32 matmul peak, {peak:.1f} GFLOP/s (best torch.mm, n = 2048 and 4096, {a.threads} threads)")
+          f"the fp32 matmul peak, {peak:.1f} GFLOP/s (best of torch.mm {p['mkl']:.1f} and oneDNN {p['onednn']:.1f}, "
+          f"n = 2048 and 4096, {a.threads} threads)")
     print(f"  {'mode':<8}{'size':>6}{'GFLOP/call':>12}{'s/call':>9}{'GFLOP/s':>9}{'of peak':>9}   "
           f"target >= {TARGETS['unet']:.0%}")
     met = []
@@ -247,6 +304,9 @@ def bench_unet(a) -> list[bool]:
         for size in a.sizes:
             r = run_child(a, "unet", size=size, mode=mode)
             rate = r["flops"] / r["call_s"] / 1e9
+            if mode == "fast":  # fewer-bit arithmetic: the fp32 peak is no yardstick
+                print(f"  {mode:<8}{size:>6}{r['flops'] / 1e9:>12.1f}{r['call_s']:>9.3f}{rate:>9.1f}")
+                continue
             met.append(rate / peak >= TARGETS["unet"])
             print(f"  {mode:<8}{size:>6}{r['flops'] / 1e9:>12.1f}{r['call_s']:>9.3f}{rate:>9.1f}"
                   f"{rate / peak:>9.1%}   {mark(met[-1])}", flush=True)
@@ -261,6 +321,8 @@ def main():
     p.add_argument("--modes", nargs="+", choices=list(MODES), default=["exact"])
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--unet-calls", type=int, default=3, help="timed UNet calls per size")
+    p.add_argument("--parts", nargs="+", choices=["runs", "error", "unet"], default=["runs", "error", "unet"],
+                   help="what to measure (default all)")
     p.add_argument("--workdir", default=str(Path("~/.cache/mezzotint-bench").expanduser()))
     p.add_argument("--tiny", action="store_true", help="a shrunken model, to check the script quickly")
     for internal in ("--child", "--result", "--png", "--mode"):
@@ -282,9 +344,12 @@ def main():
     run_child(a, "build")
     met = []
     with tempfile.TemporaryDirectory(prefix="mezzotint-bench-") as tmp:
-        for size in a.sizes:
+        for size in a.sizes if "runs" in a.parts else ():
             met += bench_size(a, size, Path(tmp))
-    met += bench_unet(a)
+    if "fast" in a.modes and "error" in a.parts:
+        met += bench_error(a)
+    if "unet" in a.parts:
+        met += bench_unet(a)
     print(f"\ntargets met: {sum(met)} of {len(met)}")
 
 

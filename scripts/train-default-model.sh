@@ -8,9 +8,14 @@ mezzotint train-vae --run-dir "$RUNS/vae" --preset shapes --steps 2000 --batch 2
     --warmup 100 --ckpt-every 250 --sample-every 500 --log-every 25 --threads 2
 mezzotint train --run-dir "$RUNS/unet" --preset shapes --vae "$RUNS/vae/model" --steps 6500 --batch 64 \
     --lr 6e-4 --warmup 300 --pool 80000 --ckpt-every 250 --sample-every 1000 --log-every 25 --threads 2
+# a second UNet stage: a fresh warm-up and cosine from the first stage's weights (the shipped
+# model was made in two stages because each had to fit in one working session); same pool
+mkdir -p "$RUNS/unet-more" && ln -sfn ../unet/pool "$RUNS/unet-more/pool"
+mezzotint train --run-dir "$RUNS/unet-more" --init "$RUNS/unet/model" --steps 9000 --batch 64 \
+    --lr 3e-4 --warmup 200 --pool 80000 --ckpt-every 250 --sample-every 2000 --log-every 25 --threads 2
 mezzotint train-vae --run-dir "$RUNS/vae-dec" --init "$RUNS/vae/model" --decoder-only --steps 2000 --batch 24 \
     --lr 3e-4 --warmup 50 --ckpt-every 250 --sample-every 1000 --log-every 25 --threads 2
-cp "$RUNS/vae-dec/model/vae.safetensors" "$RUNS/unet/model/vae.safetensors"  # same latent space
-mezzotint eval --model "$RUNS/unet/model" --cfg 3
-echo "to ship it: cp $RUNS/unet/model/{model.json,unet.safetensors,vae.safetensors} src/mezzotint/weights/default/"
+cp "$RUNS/vae-dec/model/vae.safetensors" "$RUNS/unet-more/model/vae.safetensors"  # same latent space
+mezzotint eval --model "$RUNS/unet-more/model" --cfg 3
+echo "to ship it: cp $RUNS/unet-more/model/{model.json,unet.safetensors,vae.safetensors} src/mezzotint/weights/default/"
 echo "and set config.defaults.cfg to 3.0 in the copied model.json (chosen with --prompt-seed 1)"

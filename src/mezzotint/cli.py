@@ -65,8 +65,10 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--model", type=Path, metavar="PATH", help="model folder or .safetensors file (default: built-in)")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="where to run (auto: the best device present)")
-    r.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="precision (default float32 on CPU, float16 on CUDA)")
+    r.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "fast"],
+                   help="precision (default float32 on CPU, float16 on CUDA; fast: the fastest this device "
+                   "runs natively, bfloat16 on CPUs with AVX512-BF16 or AMX)")
+    r.add_argument("--fast", dest="dtype", action="store_const", const="fast", help="the same as --dtype fast")
 
 
 def lora_spec(text: str) -> tuple[Path, float]:
@@ -183,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--models-dir", type=Path, metavar="DIR",
                    help="more models (folders or .safetensors) that clients may switch to")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "fast"])
+    s.add_argument("--fast", dest="dtype", action="store_const", const="fast", help="the same as --dtype fast")
     s.add_argument("--token", help="require `Authorization: Bearer TOKEN` (or basic auth, password TOKEN) "
                    "on every API route; also read from $MEZZOTINT_TOKEN")
     s.add_argument("--max-queue", type=int, default=16, metavar="N", help="pending jobs before 503 (default 16)")

@@ -8,10 +8,34 @@ memory-efficient kernels are used where the device has them.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# oneDNN's fp32/bf16 GEMM: on some CPUs (AMD's) about twice MKL's sgemm, which F.linear
+# uses; the same products, summed in another order. It has no backward, so training
+# (and anything that needs a gradient) keeps F.linear, and so do small products, where
+# oneDNN's set-up costs more than it saves (the default model's). MEZZOTINT_ONEDNN=0 turns it off.
+_ONEDNN = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+           and os.environ.get("MEZZOTINT_ONEDNN", "1") != "0")
+ONEDNN_MIN_MACS = 1 << 24
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    if (_ONEDNN and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and w.dtype == x.dtype
+            and x.numel() * w.shape[0] >= ONEDNN_MIN_MACS
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
+        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+    return F.linear(x, w, b)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same state dict) computed by `linear`."""
+
+    def forward(self, x):
+        return linear(x, self.weight, self.bias)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -25,8 +49,8 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 class TimestepMLP(nn.Module):
     def __init__(self, dim: int, out: int):
         super().__init__()
-        self.linear_1 = nn.Linear(dim, out)
-        self.linear_2 = nn.Linear(out, out)
+        self.linear_1 = Linear(dim, out)
+        self.linear_2 = Linear(out, out)
 
     def forward(self, x):
         return self.linear_2(F.silu(self.linear_1(x)))
@@ -40,7 +64,7 @@ class ResBlock(nn.Module):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, cin, eps=eps)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.time_emb_proj = nn.Linear(temb, cout) if temb else None
+        self.time_emb_proj = Linear(temb, cout) if temb else None
         self.norm2 = nn.GroupNorm(groups, cout, eps=eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
@@ -64,10 +88,10 @@ class Attention(nn.Module):
         inner = heads * head_dim
         kv_dim = context_dim or dim
         self.heads = heads
-        self.to_q = nn.Linear(dim, inner, bias=qkv_bias)
-        self.to_k = nn.Linear(kv_dim, inner, bias=qkv_bias)
-        self.to_v = nn.Linear(kv_dim, inner, bias=qkv_bias)
-        self.to_out = nn.ModuleList([nn.Linear(inner, dim)])
+        self.to_q = Linear(dim, inner, bias=qkv_bias)
+        self.to_k = Linear(kv_dim, inner, bias=qkv_bias)
+        self.to_v = Linear(kv_dim, inner, bias=qkv_bias)
+        self.to_out = nn.ModuleList([Linear(inner, dim)])
         self.probe = None  # a callable that gets cross-attention weights (explain sets it)
 
     def forward(self, x, context=None, mask=None):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import UNetConfig
-from .nn import Attention, Downsample, ResBlock, TimestepMLP, Upsample, timestep_embedding
+from .nn import Attention, Downsample, Linear, ResBlock, TimestepMLP, Upsample, timestep_embedding
 
 
 class GEGLU(nn.Module):
@@ -20,7 +20,7 @@ class GEGLU(nn.Module):
 
     def __init__(self, dim: int, inner: int):
         super().__init__()
-        self.proj = nn.Linear(dim, inner * 2)
+        self.proj = Linear(dim, inner * 2)
 
     def forward(self, x):
         x, gate = self.proj(x).chunk(2, dim=-1)
@@ -30,7 +30,7 @@ class GEGLU(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
-        self.net = nn.ModuleList([GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim)])
+        self.net = nn.ModuleList([GEGLU(dim, dim * mult), nn.Identity(), Linear(dim * mult, dim)])
 
     def forward(self, x):
         for layer in self.net:
@@ -65,10 +65,10 @@ class SpatialTransformer(nn.Module):
         inner = heads * head_dim
         self.linear = linear
         self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
-        self.proj_in = nn.Linear(ch, inner) if linear else nn.Conv2d(ch, inner, 1)
+        self.proj_in = Linear(ch, inner) if linear else nn.Conv2d(ch, inner, 1)
         self.transformer_blocks = nn.ModuleList(
             TransformerBlock(inner, heads, head_dim, context_dim) for _ in range(depth))
-        self.proj_out = nn.Linear(inner, ch) if linear else nn.Conv2d(inner, ch, 1)
+        self.proj_out = Linear(inner, ch) if linear else nn.Conv2d(inner, ch, 1)
 
     def forward(self, x, context, mask=None):
         B, C, H, W = x.shape

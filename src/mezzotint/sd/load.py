@@ -165,9 +165,16 @@ def _plan_single_file(path: Path, sd: dict, extras: dict, prediction):
     return sd2, tkw, _sd_config(ucfg, vcfg, sd2, pred, path.stem)
 
 
+def _cast(dtype):
+    """What to convert weights to while reading (None: keep the file's, memory-mapped)."""
+    return None if dtype in (None, torch.float32) else dtype
+
+
 def load_single_file(path, device="cpu", dtype=torch.float32, prediction=None):
     path = Path(path)
-    sd, extras = read_tensors(path)
+    # the text encoder's weights are left as stored when it stays float32 (see _text_dtype)
+    keep = (K.CLIP_PREFIX, K.OPENCLIP_PREFIX) if _text_dtype(device, dtype) == torch.float32 else ()
+    sd, extras = read_tensors(path, _cast(dtype), keep)
     sd2, tkw, cfg = _plan_single_file(path, sd, extras, prediction)
     ucfg, vcfg = cfg.unet, cfg.vae
     unet_src, vae_src = _strip(sd, K.UNET_PREFIX), _strip(sd, K.VAE_PREFIX)
@@ -208,11 +215,11 @@ def _json(file: Path) -> dict:
         raise ModelError(f"{file}: corrupt JSON ({e.msg})") from None
 
 
-def _weights_in(folder: Path, stem: str = "diffusion_pytorch_model") -> dict:
+def _weights_in(folder: Path, stem: str = "diffusion_pytorch_model", cast=None) -> dict:
     """The weights of one diffusers component: plain, fp16 variant, sharded, or .bin."""
     for name in (f"{stem}.safetensors", f"{stem}.fp16.safetensors", f"{stem}.bin", f"{stem}.fp16.bin"):
         if (folder / name).is_file():
-            return read_tensors(folder / name)[0]
+            return read_tensors(folder / name, cast)[0]
     index = folder / f"{stem}.safetensors.index.json"
     if index.is_file():
         out = {}
@@ -248,8 +255,9 @@ def load_diffusers(path, device="cpu", dtype=torch.float32, prediction=None):
     transformers.utils.logging.disable_progress_bar()
     path = Path(path)
     tc, cfg = _plan_diffusers(path, prediction)
-    unet = _build(UNet, cfg.unet, _weights_in(path / "unet"), "UNet", path / "unet", device, dtype)
-    vae = _build(AutoencoderKL, cfg.vae, _weights_in(path / "vae"), "VAE", path / "vae", device, dtype)
+    unet = _build(UNet, cfg.unet, _weights_in(path / "unet", cast=_cast(dtype)), "UNet", path / "unet", device, dtype)
+    vae = _build(AutoencoderKL, cfg.vae, _weights_in(path / "vae", cast=_cast(dtype)), "VAE", path / "vae", device,
+                 dtype)
     try:
         model = transformers.CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True)
         tok_dir = path / "tokenizer"

@@ -13,10 +13,14 @@ from ..checkpoints import ModelError
 TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
-def read_tensors(path) -> tuple[dict[str, torch.Tensor], dict]:
+def read_tensors(path, cast: torch.dtype | None = None, keep: tuple[str, ...] = ()
+                 ) -> tuple[dict[str, torch.Tensor], dict]:
     """(name -> memory-mapped tensor, extras) of a .safetensors or a weights-only .ckpt.
 
     extras: "metadata" (safetensors header strings) and "global_step" (.ckpt, if saved).
+    cast: a .safetensors file's floating tensors (but those named with a prefix in `keep`)
+    are read one by one with plain reads and converted: the file's pages are never mapped,
+    so a float32 file loaded as bfloat16 never holds both copies.
     """
     path = Path(path)
     if not path.is_file():
@@ -27,6 +31,8 @@ def read_tensors(path) -> tuple[dict[str, torch.Tensor], dict]:
         try:
             with safe_open(path, "pt") as f:
                 meta = f.metadata() or {}
+            if cast is not None:
+                return _read_cast(path, cast, keep), {"metadata": meta}
             return load_file(path), {"metadata": meta}
         except Exception as e:  # safetensors raises its own error types
             raise ModelError(f"{path}: corrupt safetensors file ({e})") from None
@@ -50,6 +56,33 @@ def read_tensors(path) -> tuple[dict[str, torch.Tensor], dict]:
     if not isinstance(sd, dict):
         raise ModelError(f"{path}: 'state_dict' is not a dict")
     return {k: v for k, v in sd.items() if isinstance(k, str) and torch.is_tensor(v)}, extras
+
+
+_SAFE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                "BOOL": torch.bool}
+
+
+def _read_cast(path: Path, cast: torch.dtype, keep: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    import json
+    import struct
+    out = {}
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            a, b = info["data_offsets"]
+            buf = bytearray(b - a)
+            fh.seek(8 + n + a)
+            if fh.readinto(buf) != len(buf):
+                raise ValueError(f"{name} runs past the end of the file")
+            t = torch.frombuffer(buf, dtype=_SAFE_DTYPES[info["dtype"]]) if buf else \
+                torch.empty(0, dtype=_SAFE_DTYPES[info["dtype"]])
+            t = t.reshape(info["shape"])
+            out[name] = t.to(cast) if t.is_floating_point() and not name.startswith(keep) else t
+    return out
 
 
 class _Dropped:
