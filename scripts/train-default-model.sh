@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Retrain the built-in default model from scratch on the Shapes world (2 CPU cores: about
-# 18 min for the autoencoder, about 45 min for the UNet (plus 8 to encode its pool once) and 15 for the
-# decoder; see README). Re-running resumes.
+# Retrain the built-in default model from scratch on the Shapes world (2 idle CPU cores:
+# about 18 min for the autoencoder, 8 to encode the UNet's pool once, about 40 and 50 min for
+# the two UNet stages, 15 for the decoder: about 2 h 20 min; see README). Re-running resumes.
 set -euo pipefail
 RUNS="${RUNS:-runs}"
 mezzotint train-vae --run-dir "$RUNS/vae" --preset shapes --steps 2000 --batch 24 --lr 8e-4 \
