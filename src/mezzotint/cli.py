@@ -113,6 +113,9 @@ def add_training_args(p: argparse.ArgumentParser, unet: bool) -> None:
     if unet:
         p.add_argument("--vae", help="trained autoencoder folder (from train-vae) or model folder")
         p.add_argument("--prediction", choices=["eps", "v"], help="what the UNet predicts (preset default)")
+        p.add_argument("--attention-levels", metavar="0,1,2",
+                       help="UNet levels (0 = full resolution) with transformers; with --init, adds "
+                            "transformers to a trained model without changing its output at step 0")
     p.add_argument("--stop-after", type=int, metavar="N",
                    help="train at most N more steps in this invocation, then checkpoint and exit")
     o = p.add_argument_group("optimisation")

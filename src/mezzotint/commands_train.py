@@ -50,11 +50,21 @@ def train_vae(args) -> int:
     return 0
 
 
+def _levels(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise UsageError(f"--attention-levels takes comma-separated level numbers like 0,1,2; got {text!r}") from None
+
+
 def train(args) -> int:
     from .train import train_unet as run
     tc = _train_config(args)
     try:
-        print(run(tc, args.preset, args.vae, args.init, args.prediction, args.stop_after))
+        print(run(tc, args.preset, args.vae, args.init, args.prediction, args.stop_after,
+                  _levels(args.attention_levels)))
     except ValueError as e:
         raise UsageError(str(e)) from None
     return 0

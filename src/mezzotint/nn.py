@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .pages import release
+
 # oneDNN's fp32/bf16 GEMM: on some CPUs (AMD's) about twice MKL's sgemm, which F.linear
 # uses; the same products, summed in another order. It has no backward, so training
 # (and anything that needs a gradient) keeps F.linear, and so do small products, where
@@ -36,6 +38,55 @@ class Linear(nn.Linear):
 
     def forward(self, x):
         return linear(x, self.weight, self.bias)
+
+
+# F.conv2d on CPU hands the weights to oneDNN in PyTorch's layout, and oneDNN re-lays them
+# out on every call: for SD's 1280-channel convs at 8x8 and 4x4 that copy costs more than
+# the arithmetic. Packed once (and again only when the weights change: LoRA, load), they
+# run up to twice as fast. The packed copy is a second copy of the conv weights, so pages
+# of the first that came from a file are given back (pages.release).
+_PACKED_CONV = (_ONEDNN and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+                and hasattr(torch._C._nn, "mkldnn_reorder_conv2d_weight")
+                and os.environ.get("MEZZOTINT_PACKED_CONV", "1") != "0")
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d (same parameters, same state dict); CPU inference of large convs runs on
+    weights packed once into oneDNN's layout. Gradients, small convs, other devices: F.conv2d."""
+
+    def forward(self, x):
+        w = self.weight
+        if (_PACKED_CONV and x.device.type == "cpu" and x.dim() == 4 and x.dtype in (torch.float32, torch.bfloat16)
+                and w.dtype == x.dtype and self.padding_mode == "zeros" and not isinstance(self.padding, str)
+                and x.numel() // x.shape[1] * w.numel() >= ONEDNN_MIN_MACS
+                and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
+            b = self.bias
+            out = torch.ops.mkldnn._convolution_pointwise(
+                x, self._packed(x), None if b is None else b.detach(), list(self.padding), list(self.stride),
+                list(self.dilation), self.groups, "none", [], "")
+            # oneDNN answers channels-last; the rest of the network is tuned for contiguous
+            return out if x.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
+        return super().forward(x)
+
+    def __getstate__(self):  # copies (deepcopy, pickle) pack again when they need to
+        return {k: v for k, v in self.__dict__.items() if k != "_pack"}
+
+    def _packed(self, x):
+        w = self.weight
+        try:
+            version = w._version  # in-place edits (LoRA merges) bump it
+        except RuntimeError:  # an inference tensor: it cannot be edited outside inference mode
+            version = -1
+        key = (id(w), w.data_ptr(), version, w.dtype)
+        cached = self.__dict__.get("_pack")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
+                    w.detach().to_mkldnn(), list(self.padding), list(self.stride), list(self.dilation),
+                    self.groups, list(x.shape))
+            self.__dict__["_pack"] = cached = (key, packed)
+            release(w)  # weights mapped from a file: the packed copy takes their place in memory
+        return cached[1]
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -63,12 +114,12 @@ class ResBlock(nn.Module):
                  eps: float = 1e-5, dropout: float = 0.0):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, cin, eps=eps)
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.conv1 = Conv2d(cin, cout, 3, padding=1)
         self.time_emb_proj = Linear(temb, cout) if temb else None
         self.norm2 = nn.GroupNorm(groups, cout, eps=eps)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
+        self.conv2 = Conv2d(cout, cout, 3, padding=1)
+        self.conv_shortcut = Conv2d(cin, cout, 1) if cin != cout else None
 
     def forward(self, x, emb=None):
         h = self.conv1(F.silu(self.norm1(x)))
@@ -124,7 +175,7 @@ class Downsample(nn.Module):
     def __init__(self, ch: int, asymmetric: bool = False):
         super().__init__()
         self.asymmetric = asymmetric
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=0 if asymmetric else 1)
+        self.conv = Conv2d(ch, ch, 3, stride=2, padding=0 if asymmetric else 1)
 
     def forward(self, x):
         if self.asymmetric:
@@ -137,7 +188,7 @@ class Upsample(nn.Module):
 
     def __init__(self, ch: int):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv = Conv2d(ch, ch, 3, padding=1)
 
     def forward(self, x):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import UNetConfig
-from .nn import Attention, Downsample, Linear, ResBlock, TimestepMLP, Upsample, timestep_embedding
+from .nn import Attention, Conv2d, Downsample, Linear, ResBlock, TimestepMLP, Upsample, timestep_embedding
 
 
 class GEGLU(nn.Module):
@@ -65,10 +65,10 @@ class SpatialTransformer(nn.Module):
         inner = heads * head_dim
         self.linear = linear
         self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
-        self.proj_in = Linear(ch, inner) if linear else nn.Conv2d(ch, inner, 1)
+        self.proj_in = Linear(ch, inner) if linear else Conv2d(ch, inner, 1)
         self.transformer_blocks = nn.ModuleList(
             TransformerBlock(inner, heads, head_dim, context_dim) for _ in range(depth))
-        self.proj_out = Linear(inner, ch) if linear else nn.Conv2d(inner, ch, 1)
+        self.proj_out = Linear(inner, ch) if linear else Conv2d(inner, ch, 1)
 
     def forward(self, x, context, mask=None):
         B, C, H, W = x.shape
@@ -127,7 +127,7 @@ class UNet(nn.Module):
         def res(cin, cout):
             return ResBlock(cin, cout, cfg.groups, temb=temb, dropout=cfg.dropout)
 
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch0, 3, padding=1)
+        self.conv_in = Conv2d(cfg.in_channels, ch0, 3, padding=1)
         self.time_embedding = TimestepMLP(ch0, temb)
 
         skips = [ch0]  # channels of every tensor the down path hands to the up path
@@ -159,7 +159,7 @@ class UNet(nn.Module):
                                         Upsample(ch) if i > 0 else None, "upsamplers"))
 
         self.conv_norm_out = nn.GroupNorm(cfg.groups, ch)
-        self.conv_out = nn.Conv2d(ch, cfg.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(ch, cfg.out_channels, 3, padding=1)
 
     def forward(self, x, t, context, context_mask=None):
         """x: (B, C, h, w) latent; t: (B,) timesteps (float allowed); context: (B, L, D)."""

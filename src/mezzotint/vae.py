@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import VAEConfig
-from .nn import Attention, Downsample, ResBlock, Upsample
+from .nn import Attention, Conv2d, Downsample, ResBlock, Upsample
 
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:
@@ -69,7 +69,7 @@ class Encoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         widths = [cfg.channels * m for m in cfg.channel_mult]
-        self.conv_in = nn.Conv2d(cfg.in_channels, widths[0], 3, padding=1)
+        self.conv_in = Conv2d(cfg.in_channels, widths[0], 3, padding=1)
         self.down_blocks = nn.ModuleList()
         ch = widths[0]
         for i, w in enumerate(widths):
@@ -82,7 +82,7 @@ class Encoder(nn.Module):
                                           "downsamplers"))
         self.mid_block = Mid(ch, cfg.groups, cfg.mid_attention)
         self.conv_norm_out = nn.GroupNorm(cfg.groups, ch, eps=1e-6)
-        self.conv_out = nn.Conv2d(ch, 2 * cfg.latent_channels, 3, padding=1)
+        self.conv_out = Conv2d(ch, 2 * cfg.latent_channels, 3, padding=1)
 
     def forward(self, x):
         h = self.conv_in(x)
@@ -97,7 +97,7 @@ class Decoder(nn.Module):
         super().__init__()
         widths = [cfg.channels * m for m in cfg.channel_mult][::-1]
         ch = widths[0]
-        self.conv_in = nn.Conv2d(cfg.latent_channels, ch, 3, padding=1)
+        self.conv_in = Conv2d(cfg.latent_channels, ch, 3, padding=1)
         self.mid_block = Mid(ch, cfg.groups, cfg.mid_attention)
         self.up_blocks = nn.ModuleList()
         for i, w in enumerate(widths):
@@ -108,7 +108,7 @@ class Decoder(nn.Module):
             last = i == len(widths) - 1
             self.up_blocks.append(Block(resnets, None if last else Upsample(ch), "upsamplers"))
         self.conv_norm_out = nn.GroupNorm(cfg.groups, ch, eps=1e-6)
-        self.conv_out = nn.Conv2d(ch, cfg.in_channels, 3, padding=1)
+        self.conv_out = Conv2d(ch, cfg.in_channels, 3, padding=1)
 
     def forward(self, z):
         h = self.mid_block(self.conv_in(z))
@@ -124,8 +124,8 @@ class AutoencoderKL(nn.Module):
         c = cfg.latent_channels
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
-        self.quant_conv = nn.Conv2d(2 * c, 2 * c, 1)
-        self.post_quant_conv = nn.Conv2d(c, c, 1)
+        self.quant_conv = Conv2d(2 * c, 2 * c, 1)
+        self.post_quant_conv = Conv2d(c, c, 1)
 
     def encode_dist(self, x):
         """x in [-1, 1], (B, 3, H, W) -> (mean, logvar) of z, each (B, c, H/f, W/f)."""

@@ -45,7 +45,8 @@ def train_vae(tc: TrainConfig, preset: str = "shapes", init: str | None = None,
 
 
 def train_unet(tc: TrainConfig, preset: str = "shapes", vae: str | None = None, init: str | None = None,
-               prediction: str | None = None, stop_after: int | None = None) -> Path:
+               prediction: str | None = None, stop_after: int | None = None,
+               attention_levels: tuple[int, ...] | None = None) -> Path:
 
     from .. import checkpoints
     from ..data import open_dataset
@@ -57,6 +58,9 @@ def train_unet(tc: TrainConfig, preset: str = "shapes", vae: str | None = None, 
     run = Path(tc.run)
     if init:
         unet, vae_model, cfg = checkpoints.load_model(init)
+        if attention_levels is not None and tuple(attention_levels) != tuple(cfg.unet.attention_levels):
+            unet = grow_attention(unet, attention_levels)
+            cfg = dataclasses.replace(cfg, unet=unet.cfg)
         unet.requires_grad_(True).train()
         base = Path(init)
     else:
@@ -66,6 +70,8 @@ def train_unet(tc: TrainConfig, preset: str = "shapes", vae: str | None = None, 
 
         def make():
             c = PRESETS[preset]
+            if attention_levels is not None:
+                c = dataclasses.replace(c, unet=dataclasses.replace(c.unet, attention_levels=tuple(attention_levels)))
             sched = c.scheduler if prediction is None else dataclasses.replace(c.scheduler, prediction_type=prediction)
             c_in = vae_model.cfg.latent_channels
             if (c.unet.in_channels, c.unet.out_channels) != (c_in, c_in):
@@ -77,3 +83,32 @@ def train_unet(tc: TrainConfig, preset: str = "shapes", vae: str | None = None, 
     text = load_text_encoder(cfg.text, base, d.device, torch.float32)
     dataset = open_dataset(tc.data, tc.size, tc.seed)
     return train(UNetTask(cfg, tc, vae_model, text, d.device, unet), dataset, tc, d, stop_after=stop_after)
+
+
+def grow_attention(unet, levels):
+    """The same UNet with transformers at more levels, computing the same function.
+
+    The new transformers' output projections start at zero, so each adds nothing until
+    training moves it (the zero-init trick of ControlNet and LDM's proj_out): a trained
+    model gains capacity without losing what it knows. Levels can only be added."""
+    from ..unet import UNet
+    old = tuple(unet.cfg.attention_levels)
+    n_levels = len(unet.cfg.channel_mult)
+    levels = tuple(sorted(set(levels)))
+    if missing := [lv for lv in old if lv not in levels]:
+        raise ValueError(f"--attention-levels must keep the model's levels {list(old)}; missing {missing}")
+    if bad := [lv for lv in levels if not 0 <= lv < n_levels]:
+        raise ValueError(f"attention level(s) {bad} out of range: the model has levels 0..{n_levels - 1}")
+    grown = UNet(dataclasses.replace(unet.cfg, attention_levels=levels))
+    result = grown.load_state_dict(unet.state_dict(), strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"cannot grow: unexpected keys {result.unexpected_keys[:3]}")
+    new = {k.split(".attentions.")[0] + ".attentions." + k.split(".attentions.")[1].split(".")[0]
+           for k in result.missing_keys}
+    if any(".attentions." not in k for k in result.missing_keys):
+        raise ValueError("cannot grow: keys besides the new transformers are missing")
+    with torch.no_grad():
+        for name in new:
+            grown.get_submodule(name).proj_out.weight.zero_()
+            grown.get_submodule(name).proj_out.bias.zero_()
+    return grown.to(next(unet.parameters()).dtype)

@@ -1,0 +1,70 @@
+"""Growing a trained UNet: `train --init MODEL --attention-levels ...` adds transformers that
+start as the identity, so the grown model computes what the old one did."""
+import json
+
+import pytest
+import torch
+
+from mezzotint.checkpoints import load_model, save_vae
+from mezzotint.cli import main
+from mezzotint.config import PRESETS
+from mezzotint.train import grow_attention
+from mezzotint.unet import UNet
+from mezzotint.vae import AutoencoderKL
+
+FAST = ["--size", "32", "--batch", "2", "--log-every", "1", "--sample-every", "0", "--threads", "1",
+        "--ckpt-every", "2"]
+
+
+def trained_like_unet():
+    torch.manual_seed(0)
+    unet = UNet(PRESETS["tiny"].unet).eval()
+    with torch.no_grad():  # no zero layers anywhere: every block of the old model matters
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return unet
+
+
+def test_grown_unet_computes_the_same_function():
+    unet = trained_like_unet()
+    grown = grow_attention(unet, (0, 1)).eval()
+    assert grown.cfg.attention_levels == (0, 1)
+    assert sum(p.numel() for p in grown.parameters()) > sum(p.numel() for p in unet.parameters())
+    assert grown.down_blocks[0].attentions is not None and unet.down_blocks[0].attentions is None
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 700.0]), torch.randn(2, 5, 384)
+    with torch.no_grad():
+        torch.testing.assert_close(grown(x, t, ctx), unet(x, t, ctx), rtol=0, atol=0)
+
+
+def test_new_transformers_learn():
+    grown = grow_attention(trained_like_unet(), (0, 1)).train()
+    new = grown.down_blocks[0].attentions[0]
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 700.0]), torch.randn(2, 5, 384)
+    grown(x, t, ctx).square().mean().backward()
+    assert new.proj_out.weight.grad.abs().sum() > 0  # the zero projection gets a gradient
+
+
+def test_growth_only_adds_levels():
+    unet = trained_like_unet()
+    with pytest.raises(ValueError, match="must keep the model's levels"):
+        grow_attention(unet, (0,))
+    with pytest.raises(ValueError, match="out of range"):
+        grow_attention(unet, (1, 2))
+
+
+def test_train_init_with_more_attention_levels(tmp_path, capsys):
+    vae = save_vae(tmp_path / "vae", AutoencoderKL(PRESETS["tiny"].vae), PRESETS["tiny"].vae)
+    base = ["train", "--run-dir", str(tmp_path / "base"), "--preset", "tiny", "--vae", str(vae), "--steps", "2"]
+    assert main(base + FAST) == 0
+    grow = ["train", "--run-dir", str(tmp_path / "grown"), "--init", str(tmp_path / "base" / "model"),
+            "--attention-levels", "0,1"]
+    assert main(grow + ["--steps", "2"] + FAST) == 0
+    saved = json.loads((tmp_path / "grown" / "model" / "model.json").read_text())
+    assert saved["config"]["unet"]["attention_levels"] == [0, 1]
+    assert main(grow + ["--steps", "4"] + FAST) == 0  # a rerun resumes the grown run
+    unet, _, cfg = load_model(tmp_path / "grown" / "model")
+    assert cfg.unet.attention_levels == (0, 1) and unet.down_blocks[0].attentions is not None
+    assert main(grow + ["--steps", "2", "--attention-levels", "0,x"] + FAST) == 2
+    assert "comma-separated level numbers" in capsys.readouterr().err
+    assert main(grow[:-1] + ["0"] + ["--steps", "2"] + FAST) == 2
+    assert "must keep the model's levels" in capsys.readouterr().err

@@ -1,0 +1,117 @@
+"""Convs on packed oneDNN weights (CPU inference) and giving back the file pages they replace."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from mezzotint import nn as mnn
+from mezzotint.pages import release
+
+pytestmark = pytest.mark.skipif(not mnn._PACKED_CONV, reason="this PyTorch has no packed oneDNN convs")
+
+
+@pytest.fixture(autouse=True)
+def pack_always(monkeypatch):
+    monkeypatch.setattr(mnn, "ONEDNN_MIN_MACS", 0)  # small test convs take the packed path too
+
+
+def packed(conv) -> bool:
+    return "_pack" in conv.__dict__
+
+
+@pytest.mark.parametrize("kw", [dict(kernel_size=3, padding=1), dict(kernel_size=3, stride=2, padding=0),
+                                dict(kernel_size=1), dict(kernel_size=3, padding=1, bias=False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_conv_equals_torch_conv(kw, dtype):
+    torch.manual_seed(0)
+    conv = mnn.Conv2d(6, 10, **kw).to(dtype)
+    ref = torch.nn.Conv2d(6, 10, **kw).to(dtype)
+    ref.load_state_dict(conv.state_dict())
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    with torch.inference_mode():
+        for shape in [(2, 6, 9, 9), (1, 6, 5, 7), (3, 6, 8, 8)]:  # packed once, any shape after
+            x = torch.randn(shape).to(dtype)
+            for xx in (x, x.contiguous(memory_format=torch.channels_last)):
+                out = conv(xx)
+                torch.testing.assert_close(out.float(), ref(xx).float(), **tol)
+                assert out.is_contiguous(memory_format=torch.channels_last) == (xx.dim() == 4 and xx is not x) \
+                    or out.is_contiguous()
+    assert packed(conv)
+
+
+def test_training_keeps_torch_conv_and_its_gradients():
+    conv, ref = mnn.Conv2d(4, 5, 3, padding=1), torch.nn.Conv2d(4, 5, 3, padding=1)
+    ref.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 4, 6, 6)
+    conv(x).square().sum().backward()
+    ref(x).square().sum().backward()
+    assert not packed(conv)
+    torch.testing.assert_close(conv.weight.grad, ref.weight.grad)
+
+
+def test_weights_changed_in_place_are_packed_again():
+    conv = mnn.Conv2d(4, 5, 3, padding=1)
+    x = torch.randn(1, 4, 6, 6)
+    with torch.no_grad():
+        before = conv(x)
+        conv.weight.add_(0.5)  # what a LoRA merge does
+        after = conv(x)
+        torch.testing.assert_close(after, F.conv2d(x, conv.weight, conv.bias, padding=1), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(before, after)
+
+
+def test_a_module_with_a_pack_can_be_copied():
+    conv = mnn.Conv2d(4, 5, 3, padding=1)
+    x = torch.randn(1, 4, 6, 6)
+    with torch.no_grad():
+        out = conv(x)
+        twin = copy.deepcopy(conv)
+        assert not packed(twin)
+        torch.testing.assert_close(twin(x), out)
+
+
+def rss_of(t: torch.Tensor) -> int:
+    """Resident bytes of t's pages, from /proc/self/pagemap."""
+    import os
+    import struct
+    page = os.sysconf("SC_PAGE_SIZE")
+    lo, hi = t.data_ptr() // page, (t.data_ptr() + t.numel() * t.element_size() - 1) // page + 1
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(lo * 8)
+        entries = struct.unpack(f"<{hi - lo}Q", f.read((hi - lo) * 8))
+    return sum(page for e in entries if e >> 63)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and not __import__("sys").platform.startswith("linux"),
+                    reason="pages are given back on Linux only")
+def test_release_gives_back_clean_file_pages_only(tmp_path):
+    torch.manual_seed(0)
+    want = {"a": torch.randn(256, 1024), "b": torch.randn(256, 1024)}
+    save_file(want, tmp_path / "w.safetensors")
+    got = load_file(tmp_path / "w.safetensors")  # memory-mapped
+    a, b = got["a"], got["b"]
+    assert torch.equal(a, want["a"]) and torch.equal(b, want["b"])  # every page read in
+    assert rss_of(a) >= a.nbytes // 2
+    assert release(a) > 0
+    assert rss_of(a) <= 2 * 4096  # at most the two shared edge pages stay
+    assert torch.equal(a, want["a"])  # read back from the file
+    with torch.no_grad():
+        b[7, 7] += 1.0  # a private copy of one page now: giving b's pages back would lose it
+    assert release(b) == 0 and b[7, 7] == want["b"][7, 7] + 1.0
+    anon = want["a"].clone()
+    assert release(anon) == 0 and torch.equal(anon, want["a"])  # not from a file: kept
+
+
+def test_packing_gives_back_a_mapped_weight(tmp_path):
+    conv = mnn.Conv2d(64, 64, 3, padding=1)
+    save_file({k: v.contiguous() for k, v in conv.state_dict().items()}, tmp_path / "c.safetensors")
+    conv.load_state_dict(load_file(tmp_path / "c.safetensors"), assign=True)
+    x = torch.randn(1, 64, 8, 8)
+    ref = F.conv2d(x, conv.weight, conv.bias, padding=1)
+    assert rss_of(conv.weight) > conv.weight.nbytes // 2
+    with torch.inference_mode():
+        torch.testing.assert_close(conv(x), ref, rtol=1e-5, atol=1e-5)
+    assert rss_of(conv.weight) <= 2 * 4096
+    assert torch.equal(conv.state_dict()["weight"], load_file(tmp_path / "c.safetensors")["weight"])
