@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Retrain the built-in default model from scratch on the Shapes world (2 idle CPU cores:
-# about 18 min for the autoencoder, 8 to encode the UNet's pool once, about 40 and 50 min for
-# the two UNet stages, 15 for the decoder: about 2 h 20 min; see README). Re-running resumes.
+# about 18 min for the autoencoder, 8 to encode the UNet's pool once, about 40, 50 and 85 min
+# for the three UNet stages, 15 for the decoder: about 3 h 45 min; see README). Re-running resumes.
 set -euo pipefail
 RUNS="${RUNS:-runs}"
 mezzotint train-vae --run-dir "$RUNS/vae" --preset shapes --steps 2000 --batch 24 --lr 8e-4 \
@@ -16,6 +16,12 @@ mezzotint train --run-dir "$RUNS/unet-more" --init "$RUNS/unet/model" --steps 90
 mezzotint train-vae --run-dir "$RUNS/vae-dec" --init "$RUNS/vae/model" --decoder-only --steps 2000 --batch 24 \
     --lr 3e-4 --warmup 50 --ckpt-every 250 --sample-every 1000 --log-every 25 --threads 2
 cp "$RUNS/vae-dec/model/vae.safetensors" "$RUNS/unet-more/model/vae.safetensors"  # same latent space
-mezzotint eval --model "$RUNS/unet-more/model" --cfg 3
-echo "to ship it: cp $RUNS/unet-more/model/{model.json,unet.safetensors,vae.safetensors} src/mezzotint/weights/default/"
+# a third stage grows the UNet: transformers at the 16x16 level too, whose output projections
+# start at zero (the grown model computes what stage 2's did), then 11000 more steps; same pool
+mkdir -p "$RUNS/unet-grown" && ln -sfn ../unet/pool "$RUNS/unet-grown/pool"
+mezzotint train --run-dir "$RUNS/unet-grown" --init "$RUNS/unet-more/model" --attention-levels 0,1,2 \
+    --steps 11000 --batch 64 --lr 3e-4 --warmup 200 --pool 80000 --ckpt-every 250 --sample-every 2000 \
+    --log-every 25 --threads 2
+mezzotint eval --model "$RUNS/unet-grown/model" --cfg 3
+echo "to ship it: cp $RUNS/unet-grown/model/{model.json,unet.safetensors,vae.safetensors} src/mezzotint/weights/default/"
 echo "and set config.defaults.cfg to 3.0 in the copied model.json (chosen with --prompt-seed 1)"

@@ -13,8 +13,10 @@ pytestmark = pytest.mark.skipif(not mnn._PACKED_CONV, reason="this PyTorch has n
 
 
 @pytest.fixture(autouse=True)
-def pack_always(monkeypatch):
-    monkeypatch.setattr(mnn, "ONEDNN_MIN_MACS", 0)  # small test convs take the packed path too
+def pack_always(request, monkeypatch):
+    if "real_thresholds" not in request.keywords:
+        monkeypatch.setattr(mnn, "ONEDNN_MIN_MACS", 0)  # small test convs take the packed path too
+        monkeypatch.setattr(mnn, "PACK_MIN_RATIO", 0)
 
 
 def packed(conv) -> bool:
@@ -39,6 +41,16 @@ def test_packed_conv_equals_torch_conv(kw, dtype):
                 assert out.is_contiguous(memory_format=torch.channels_last) == (xx.dim() == 4 and xx is not x) \
                     or out.is_contiguous()
     assert packed(conv)
+
+
+@pytest.mark.real_thresholds
+def test_only_convs_whose_weights_outweigh_their_input_are_packed():
+    small_image_wide = mnn.Conv2d(512, 512, 3, padding=1)  # SD's low-resolution levels
+    large_image_narrow = mnn.Conv2d(64, 64, 3, padding=1)  # the decoder's last levels
+    with torch.inference_mode():
+        small_image_wide(torch.randn(1, 512, 4, 4))
+        large_image_narrow(torch.randn(1, 64, 64, 64))
+    assert packed(small_image_wide) and not packed(large_image_narrow)
 
 
 def test_training_keeps_torch_conv_and_its_gradients():

@@ -23,6 +23,7 @@ from .pages import release
 _ONEDNN = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
            and os.environ.get("MEZZOTINT_ONEDNN", "1") != "0")
 ONEDNN_MIN_MACS = 1 << 24
+PACK_MIN_RATIO = 2  # packed convs: weight elements per input element, at least (measured on SD's shapes)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
@@ -43,8 +44,10 @@ class Linear(nn.Linear):
 # F.conv2d on CPU hands the weights to oneDNN in PyTorch's layout, and oneDNN re-lays them
 # out on every call: for SD's 1280-channel convs at 8x8 and 4x4 that copy costs more than
 # the arithmetic. Packed once (and again only when the weights change: LoRA, load), they
-# run up to twice as fast. The packed copy is a second copy of the conv weights, so pages
-# of the first that came from a file are given back (pages.release).
+# run up to twice as fast. Where the activations outweigh the weights (SD's 64x64 level, the
+# decoder's large images) the saved copy is small and oneDNN's channels-last answer costs a
+# copy back, so those stay on F.conv2d. The packed copy is a second copy of the weights, so
+# pages of the first that came from a file are given back (pages.release).
 _PACKED_CONV = (_ONEDNN and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
                 and hasattr(torch._C._nn, "mkldnn_reorder_conv2d_weight")
                 and os.environ.get("MEZZOTINT_PACKED_CONV", "1") != "0")
@@ -58,7 +61,7 @@ class Conv2d(nn.Conv2d):
         w = self.weight
         if (_PACKED_CONV and x.device.type == "cpu" and x.dim() == 4 and x.dtype in (torch.float32, torch.bfloat16)
                 and w.dtype == x.dtype and self.padding_mode == "zeros" and not isinstance(self.padding, str)
-                and x.numel() // x.shape[1] * w.numel() >= ONEDNN_MIN_MACS
+                and x.numel() // x.shape[1] * w.numel() >= ONEDNN_MIN_MACS and w.numel() >= PACK_MIN_RATIO * x.numel()
                 and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
             b = self.bias
             out = torch.ops.mkldnn._convolution_pointwise(

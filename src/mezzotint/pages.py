@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import ctypes
 import os
-import struct
 import sys
 
 import torch
 
 _MADV_DONTNEED = 4
-_PRESENT, _FILE = 1 << 63, 1 << 61
+_FILE = 1 << 61
 _libc = None
 
 
@@ -39,7 +38,8 @@ def _only_file_pages(start: int, end: int, page: int) -> bool:
         data = f.read(n * 8)
     if len(data) != n * 8:
         return False
-    return all(not (e & _PRESENT) or (e & _FILE) for e in struct.unpack(f"<{n}Q", data))
+    e = torch.frombuffer(bytearray(data), dtype=torch.int64)  # bit 63, present, is the sign
+    return bool(((e >= 0) | ((e & _FILE) != 0)).all())
 
 
 def release(t: torch.Tensor) -> int:
