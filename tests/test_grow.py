@@ -68,3 +68,6 @@ def test_train_init_with_more_attention_levels(tmp_path, capsys):
     assert "comma-separated level numbers" in capsys.readouterr().err
     assert main(grow[:-1] + ["0"] + ["--steps", "2"] + FAST) == 2
     assert "must keep the model's levels" in capsys.readouterr().err
+    fresh = ["train", "--run-dir", str(tmp_path / "fresh"), "--preset", "tiny", "--vae", str(vae), "--steps", "2"]
+    assert main(fresh + ["--attention-levels", "0,5"] + FAST) == 2
+    assert "out of range" in capsys.readouterr().err and not (tmp_path / "fresh" / "model").exists()

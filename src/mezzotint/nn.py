@@ -61,7 +61,8 @@ class Conv2d(nn.Conv2d):
         w = self.weight
         if (_PACKED_CONV and x.device.type == "cpu" and x.dim() == 4 and x.dtype in (torch.float32, torch.bfloat16)
                 and w.dtype == x.dtype and self.padding_mode == "zeros" and not isinstance(self.padding, str)
-                and x.numel() // x.shape[1] * w.numel() >= ONEDNN_MIN_MACS and w.numel() >= PACK_MIN_RATIO * x.numel()
+                and x.numel() // x.shape[1] * w.numel() >= ONEDNN_MIN_MACS
+                and w.numel() >= PACK_MIN_RATIO * x.numel()
                 and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
             b = self.bias
             out = torch.ops.mkldnn._convolution_pointwise(

@@ -71,6 +71,9 @@ def train_unet(tc: TrainConfig, preset: str = "shapes", vae: str | None = None, 
         def make():
             c = PRESETS[preset]
             if attention_levels is not None:
+                if bad := [lv for lv in attention_levels if not 0 <= lv < len(c.unet.channel_mult)]:
+                    raise ValueError(f"attention level(s) {bad} out of range: preset {preset!r} has levels "
+                                     f"0..{len(c.unet.channel_mult) - 1}")
                 c = dataclasses.replace(c, unet=dataclasses.replace(c.unet, attention_levels=tuple(attention_levels)))
             sched = c.scheduler if prediction is None else dataclasses.replace(c.scheduler, prediction_type=prediction)
             c_in = vae_model.cfg.latent_channels
