@@ -9,7 +9,7 @@ mezzotint train-vae --run-dir "$RUNS/vae" --preset shapes --steps 2000 --batch 2
 mezzotint train --run-dir "$RUNS/unet" --preset shapes --vae "$RUNS/vae/model" --steps 6500 --batch 64 \
     --lr 6e-4 --warmup 300 --pool 80000 --ckpt-every 250 --sample-every 1000 --log-every 25 --threads 2
 # a second UNet stage: a fresh warm-up and cosine from the first stage's weights (the shipped
-# model was made in two stages because each had to fit in one working session); same pool
+# model was made in stages because each had to fit in one working session); same pool
 mkdir -p "$RUNS/unet-more" && ln -sfn ../unet/pool "$RUNS/unet-more/pool"
 mezzotint train --run-dir "$RUNS/unet-more" --init "$RUNS/unet/model" --steps 9000 --batch 64 \
     --lr 3e-4 --warmup 200 --pool 80000 --ckpt-every 250 --sample-every 2000 --log-every 25 --threads 2
