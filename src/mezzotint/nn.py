@@ -26,10 +26,14 @@ ONEDNN_MIN_MACS = 1 << 24
 PACK_MIN_RATIO = 2  # packed convs: weight elements per input element, at least (measured on SD's shapes)
 
 
+def _cpu_inference(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """x and w are float32 or bfloat16 on the CPU and no gradient will be asked of them."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and w.dtype == x.dtype
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)))
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    if (_ONEDNN and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and w.dtype == x.dtype
-            and x.numel() * w.shape[0] >= ONEDNN_MIN_MACS
-            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
+    if _ONEDNN and x.numel() * w.shape[0] >= ONEDNN_MIN_MACS and _cpu_inference(x, w):
         return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
     return F.linear(x, w, b)
 
@@ -59,11 +63,9 @@ class Conv2d(nn.Conv2d):
 
     def forward(self, x):
         w = self.weight
-        if (_PACKED_CONV and x.device.type == "cpu" and x.dim() == 4 and x.dtype in (torch.float32, torch.bfloat16)
-                and w.dtype == x.dtype and self.padding_mode == "zeros" and not isinstance(self.padding, str)
+        if (_PACKED_CONV and x.dim() == 4 and self.padding_mode == "zeros" and not isinstance(self.padding, str)
                 and x.numel() // x.shape[1] * w.numel() >= ONEDNN_MIN_MACS
-                and w.numel() >= PACK_MIN_RATIO * x.numel()
-                and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
+                and w.numel() >= PACK_MIN_RATIO * x.numel() and _cpu_inference(x, w)):
             b = self.bias
             out = torch.ops.mkldnn._convolution_pointwise(
                 x, self._packed(x), None if b is None else b.detach(), list(self.padding), list(self.stride),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -71,9 +72,7 @@ def train_unet(tc: TrainConfig, preset: str = "shapes", vae: str | None = None, 
         def make():
             c = PRESETS[preset]
             if attention_levels is not None:
-                if bad := [lv for lv in attention_levels if not 0 <= lv < len(c.unet.channel_mult)]:
-                    raise ValueError(f"attention level(s) {bad} out of range: preset {preset!r} has levels "
-                                     f"0..{len(c.unet.channel_mult) - 1}")
+                _check_range(attention_levels, len(c.unet.channel_mult), f"preset {preset!r}")
                 c = dataclasses.replace(c, unet=dataclasses.replace(c.unet, attention_levels=tuple(attention_levels)))
             sched = c.scheduler if prediction is None else dataclasses.replace(c.scheduler, prediction_type=prediction)
             c_in = vae_model.cfg.latent_channels
@@ -88,6 +87,11 @@ def train_unet(tc: TrainConfig, preset: str = "shapes", vae: str | None = None, 
     return train(UNetTask(cfg, tc, vae_model, text, d.device, unet), dataset, tc, d, stop_after=stop_after)
 
 
+def _check_range(levels, n_levels: int, what: str) -> None:
+    if bad := [lv for lv in levels if not 0 <= lv < n_levels]:
+        raise ValueError(f"attention level(s) {bad} out of range: {what} has levels 0..{n_levels - 1}")
+
+
 def grow_attention(unet, levels):
     """The same UNet with transformers at more levels, computing the same function.
 
@@ -100,18 +104,16 @@ def grow_attention(unet, levels):
     levels = tuple(sorted(set(levels)))
     if missing := [lv for lv in old if lv not in levels]:
         raise ValueError(f"--attention-levels must keep the model's levels {list(old)}; missing {missing}")
-    if bad := [lv for lv in levels if not 0 <= lv < n_levels]:
-        raise ValueError(f"attention level(s) {bad} out of range: the model has levels 0..{n_levels - 1}")
+    _check_range(levels, n_levels, "the model")
     grown = UNet(dataclasses.replace(unet.cfg, attention_levels=levels))
     result = grown.load_state_dict(unet.state_dict(), strict=False)
     if result.unexpected_keys:
         raise ValueError(f"cannot grow: unexpected keys {result.unexpected_keys[:3]}")
-    new = {k.split(".attentions.")[0] + ".attentions." + k.split(".attentions.")[1].split(".")[0]
-           for k in result.missing_keys}
-    if any(".attentions." not in k for k in result.missing_keys):
+    new = {re.match(r"(.*?\.attentions\.\d+)\.", k) for k in result.missing_keys}
+    if None in new:
         raise ValueError("cannot grow: keys besides the new transformers are missing")
     with torch.no_grad():
-        for name in new:
-            grown.get_submodule(name).proj_out.weight.zero_()
-            grown.get_submodule(name).proj_out.bias.zero_()
+        for m in new:
+            grown.get_submodule(m.group(1)).proj_out.weight.zero_()
+            grown.get_submodule(m.group(1)).proj_out.bias.zero_()
     return grown.to(next(unet.parameters()).dtype)
