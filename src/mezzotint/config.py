@@ -157,3 +157,4 @@ class TrainConfig:
     seed: int = 0  # data order, noise and initialisation
     threads: int = 0  # torch threads per process (0 = leave as is)
     pool: int = 0  # UNet only: encode this many items once and cycle over them (0 = encode every batch)
+    attention_loss: float = 0.0  # UNet on the Shapes world only: weight of the grounded cross-attention loss

@@ -187,6 +187,18 @@ _REL_PHRASES = [
 _JOINS = (" together with ", " as well as ", " and ")
 
 
+def attribute_of(word: str) -> tuple[str, str] | None:
+    """("colour" | "shape" | "size", canonical value) for an object word of any phrasing
+    ("rhombus" -> ("shape", "diamond"), "stars" -> ("shape", "star")), else None."""
+    if word in COLOURS:
+        return "colour", word
+    if shape := _SHAPE_WORDS.get(word) or _PLURAL_SHAPES.get(word):
+        return "shape", shape
+    if word in _SIZE_WORDS:
+        return "size", _SIZE_WORDS[word]
+    return None
+
+
 def _fail(text: str, why: str):
     raise ValueError(f"cannot parse caption {text!r}: {why}")
 

@@ -31,6 +31,8 @@ def train_vae(tc: TrainConfig, preset: str = "shapes", init: str | None = None,
     from .tasks import VAETask
     if tc.pool:
         raise ValueError("--pool encodes latents for UNet training; the autoencoder trains on pixels")
+    if tc.attention_loss:
+        raise ValueError("--attention-loss steers the UNet's cross-attention; the autoencoder has none")
     d = Dist.from_env()
     torch.manual_seed(tc.seed)  # the initial weights
     if init:

@@ -1,6 +1,7 @@
 """The two trainings: the autoencoder (images <-> latents) and the UNet (the denoiser)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 from pathlib import Path
@@ -14,6 +15,7 @@ from ..diffusion.schedules import alphas_cumprod
 from ..unet import UNet
 from ..vae import AutoencoderKL, to_uint8, to_unit
 from ..diffusion.noise import randn
+from .grounding import attention_loss, recording
 from .loop import Task, item_generators
 
 
@@ -100,12 +102,16 @@ class UNetTask(Task):
         self.vae = vae.to(device).eval().requires_grad_(False)
         self.model = init if init is not None else UNet(cfg.unet)
         self.ac = alphas_cumprod(cfg.scheduler).float().to(device)
-        self.pool = None
+        self.pool = self.grounding = None
 
     def fresh(self):
         return UNet(self.cfg.unet)
 
     def prepare(self, run: Path, d, dataset):
+        if self.tc.attention_loss:
+            from .grounding import Grounding
+            self.grounding = Grounding(dataset, self.text.tokenizer, self.tc.size // self.vae.cfg.factor,
+                                       self.cfg.unet.attention_levels)
         if self.tc.pool:
             from .pool import build
             self.pool = build(run / "pool", self.tc.pool, dataset, self.vae, self.text, self.device, self.tc, d)
@@ -120,12 +126,13 @@ class UNetTask(Task):
         return [random.Random(f"drop/{seed}/{i}").random() < p for i in indices]
 
     def loss(self, net, images, captions, indices):
+        dropped = self._dropped(indices)
         if self.pool is not None:
-            x0, ctx, mask = self.pool.get(indices, self._dropped(indices), self.device)
+            x0, ctx, mask = self.pool.get(indices, dropped, self.device)
         else:
             with torch.no_grad():
                 x0 = self.vae.encode(to_unit(images.to(self.device)))
-                captions = ["" if d else c for c, d in zip(captions, self._dropped(indices))]
+                captions = ["" if d else c for c, d in zip(captions, dropped)]
                 ctx, mask = self.text.encode_batch(captions)
         B = x0.shape[0]
         gens = item_generators(self.tc.seed, indices)
@@ -133,14 +140,19 @@ class UNetTask(Task):
         noise = randn(x0.shape, gens, x0.device)
         a = self.ac[t].view(B, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise  # q(x_t | x_0)
-        pred = net(xt, t.float(), ctx.to(x0.device), mask.to(x0.device)).float()
+        with recording(net) if self.grounding else contextlib.nullcontext() as maps:
+            pred = net(xt, t.float(), ctx.to(x0.device), mask.to(x0.device)).float()
         v = self.cfg.scheduler.prediction_type == "v"
         target = a.sqrt() * noise - (1 - a).sqrt() * x0 if v else noise
         per = ((pred - target) ** 2).mean(dim=(1, 2, 3))
         if self.tc.snr_gamma > 0:
             snr = (a / (1 - a)).view(B)
             per = per * snr.clamp(max=self.tc.snr_gamma) / (snr + 1 if v else snr)
-        return per.mean()
+        if self.grounding is None:
+            return per.mean()
+        items = [g % self.pool.size if self.pool is not None else g for g in indices]
+        target = self.grounding.targets(items, dropped, mask.sum(1).tolist())
+        return per.mean() + self.tc.attention_loss * attention_loss(maps, target)
 
     def export(self, folder: Path, ema_model):
         checkpoints.save_model(folder, ema_model, self.vae, self.cfg)
