@@ -1,5 +1,7 @@
 """The grounded cross-attention loss (`train --attention-loss W`): which tokens get which
 object's mask, the loss itself, and a tiny run that uses it."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -140,6 +142,10 @@ def test_train_with_attention_loss(tmp_path, capsys):
     run = ["train", "--run-dir", str(tmp_path / "a"), "--attention-levels", "0,1", "--attention-loss", "1e-3"]
     assert main(run + fast) == 0
     assert (tmp_path / "a" / "model" / "unet.safetensors").is_file()
+    log = [json.loads(x) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    for row in log:  # both parts are logged, and they make up the loss
+        assert 0 < row["attention_loss"] <= 1
+        assert row["loss"] == pytest.approx(row["diffusion_loss"] + 1e-3 * row["attention_loss"], rel=1e-5)
     coarse = ["train", "--run-dir", str(tmp_path / "b"), "--attention-loss", "1e-3"]  # tiny: 4x4 attention only
     assert main(coarse + fast) == 2
     assert "needs cross-attention at 8x8 or finer" in capsys.readouterr().err

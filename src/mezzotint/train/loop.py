@@ -79,6 +79,7 @@ class Task:
     """What differs between trainings: the model, its loss, and what a checkpoint holds."""
     kind: str
     model: torch.nn.Module
+    terms: dict[str, float] = {}  # parts of the last loss worth logging on their own (set by loss())
 
     def loss(self, model, images: torch.Tensor, captions: list[str], indices: range) -> torch.Tensor:
         raise NotImplementedError
@@ -162,7 +163,7 @@ def train(task: Task, dataset, tc: TrainConfig, d: Dist, progress: bool = True,
         lr = lr_at(step, tc)
         for g in opt.param_groups:
             g["lr"] = lr
-        total = 0.0
+        total, terms = 0.0, {}
         for micro in range(tc.accum):
             idx = batch_indices(step, micro, tc, d)
             images, captions = task.fetch(dataset, idx)
@@ -173,6 +174,8 @@ def train(task: Task, dataset, tc: TrainConfig, d: Dist, progress: bool = True,
                 loss = task.loss(net, images, captions, idx) / tc.accum
             scaler.scale(loss).backward()
             total += loss.item()
+            for k, v in task.terms.items():
+                terms[k] = terms.get(k, 0.0) + v / tc.accum
         scaler.unscale_(opt)
         gnorm = torch.nn.utils.clip_grad_norm_(params, tc.clip if tc.clip > 0 else float("inf"))
         scaler.step(opt)
@@ -187,7 +190,7 @@ def train(task: Task, dataset, tc: TrainConfig, d: Dist, progress: bool = True,
                 bar.set_postfix(loss=f"{total:.4f}", img_s=f"{rate:.1f}", refresh=False)
                 bar.update(1)
             if step % tc.log_every == 0 or step == tc.steps:
-                log.write(json.dumps({"step": step, "loss": total, "lr": lr, "grad_norm": float(gnorm),
+                log.write(json.dumps({"step": step, "loss": total, **terms, "lr": lr, "grad_norm": float(gnorm),
                                       "images_per_s": rate, "time": time.time()}) + "\n")
                 log.flush()
         if step % tc.ckpt_every == 0 or step == end:

@@ -152,7 +152,9 @@ class UNetTask(Task):
             return per.mean()
         items = [g % self.pool.size if self.pool is not None else g for g in indices]
         target = self.grounding.targets(items, dropped, mask.sum(1).tolist())
-        return per.mean() + self.tc.attention_loss * attention_loss(maps, target)
+        att = attention_loss(maps, target)
+        self.terms = {"diffusion_loss": per.mean().item(), "attention_loss": att.item()}
+        return per.mean() + self.tc.attention_loss * att
 
     def export(self, folder: Path, ema_model):
         checkpoints.save_model(folder, ema_model, self.vae, self.cfg)
