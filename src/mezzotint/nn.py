@@ -60,10 +60,11 @@ _PACKED_CONV = (_ONEDNN and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 class Conv2d(nn.Conv2d):
     """nn.Conv2d (same parameters, same state dict); CPU inference of large convs runs on
     weights packed once into oneDNN's layout. Gradients, small convs, other devices: F.conv2d."""
+    packable = True  # False: always F.conv2d (the autoencoder: see vae.py)
 
     def forward(self, x):
         w = self.weight
-        if (_PACKED_CONV and x.dim() == 4 and self.padding_mode == "zeros" and not isinstance(self.padding, str)
+        if (_PACKED_CONV and self.packable and x.dim() == 4 and self.padding_mode == "zeros" and not isinstance(self.padding, str)
                 and x.numel() // x.shape[1] * w.numel() >= ONEDNN_MIN_MACS
                 and w.numel() >= PACK_MIN_RATIO * x.numel() and _cpu_inference(x, w)):
             b = self.bias

@@ -5,6 +5,7 @@ img2img and inpainting reuse these step functions rather than copies of them.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import checkpoints
+from . import checkpoints, pages
 from .config import ModelConfig
 from .diffusion import SAMPLERS, CFGDenoiser, Denoiser, generators, get_sigmas, randn
 from .text import TextEncoder, load_text_encoder
@@ -181,6 +182,9 @@ class Pipeline:
         # fp16 overflows in the autoencoder's decoder (a known SD issue); keep it in fp32
         if dt == torch.float16:
             vae = vae.float()
+        if dev.type == "cpu" and os.environ.get("MEZZOTINT_STREAM_WEIGHTS", "1") != "0":
+            for m in (text, unet, vae):  # large models: only the part that runs stays resident
+                pages.stream(m)
         return cls(unet, vae, text, cfg, dev, dt, str(Path(path).resolve()))
 
     @property

@@ -126,6 +126,11 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(cfg)
         self.quant_conv = Conv2d(2 * c, 2 * c, 1)
         self.post_quant_conv = Conv2d(c, c, 1)
+        # runs once per image: a packed copy would save one weight reorder per call and
+        # hold its weights in memory for good (the file's pages stream, see pages.py)
+        for m in self.modules():
+            if isinstance(m, Conv2d):
+                m.packable = False
 
     def encode_dist(self, x):
         """x in [-1, 1], (B, 3, H, W) -> (mean, logvar) of z, each (B, c, H/f, W/f)."""
