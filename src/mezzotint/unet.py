@@ -186,4 +186,4 @@ class UNet(nn.Module):
             for j in range(len(level.resnets)):
                 h = level.block(j, torch.cat([h, skips.pop()], dim=1), emb, context, context_mask)
             h = level.resample(h)
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
+        return self.conv_out(F.silu(self.conv_norm_out(h), inplace=not torch.is_grad_enabled()))

@@ -89,7 +89,7 @@ class Encoder(nn.Module):
         for block in self.down_blocks:
             h = block(h)
         h = self.mid_block(h)
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
+        return self.conv_out(F.silu(self.conv_norm_out(h), inplace=not torch.is_grad_enabled()))
 
 
 class Decoder(nn.Module):
@@ -114,7 +114,7 @@ class Decoder(nn.Module):
         h = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             h = block(h)
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
+        return self.conv_out(F.silu(self.conv_norm_out(h), inplace=not torch.is_grad_enabled()))
 
 
 class AutoencoderKL(nn.Module):
