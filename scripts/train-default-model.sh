@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Retrain the built-in default model from scratch on the Shapes world (2 idle CPU cores:
-# about 18 min for the autoencoder, 8 to encode the UNet's pool once, about 40, 50 and 85 min
-# for the three UNet stages, 15 for the decoder: about 3 h 45 min; see README). Re-running resumes.
+# about 18 min for the autoencoder, 8 to encode the UNet's pool once, about 40, 50, 85 and 90 min
+# for the four UNet stages, 15 for the decoder: about 5 h 30 min; see README). Re-running resumes.
 set -euo pipefail
 RUNS="${RUNS:-runs}"
 mezzotint train-vae --run-dir "$RUNS/vae" --preset shapes --steps 2000 --batch 24 --lr 8e-4 \
@@ -22,6 +22,12 @@ mkdir -p "$RUNS/unet-grown" && ln -sfn ../unet/pool "$RUNS/unet-grown/pool"
 mezzotint train --run-dir "$RUNS/unet-grown" --init "$RUNS/unet-more/model" --attention-levels 0,1,2 \
     --steps 11000 --batch 64 --lr 3e-4 --warmup 200 --pool 80000 --ckpt-every 250 --sample-every 2000 \
     --log-every 25 --threads 2
-mezzotint eval --model "$RUNS/unet-grown/model" --cfg 3
-echo "to ship it: cp $RUNS/unet-grown/model/{model.json,unet.safetensors,vae.safetensors} src/mezzotint/weights/default/"
+# a fourth stage adds the grounding loss (each colour/shape/size word's cross-attention is
+# pushed into its object's mask): it targets colours bound to the wrong shape; same pool
+mkdir -p "$RUNS/unet-grounded" && ln -sfn ../unet/pool "$RUNS/unet-grounded/pool"
+mezzotint train --run-dir "$RUNS/unet-grounded" --init "$RUNS/unet-grown/model" --attention-loss 1e-3 \
+    --steps 6000 --batch 64 --lr 2e-4 --warmup 200 --pool 80000 --ckpt-every 250 --sample-every 3000 \
+    --log-every 25 --threads 2
+mezzotint eval --model "$RUNS/unet-grounded/model" --cfg 3
+echo "to ship it: cp $RUNS/unet-grounded/model/{model.json,unet.safetensors,vae.safetensors} src/mezzotint/weights/default/"
 echo "and set config.defaults.cfg to 3.0 in the copied model.json (chosen with --prompt-seed 1)"
