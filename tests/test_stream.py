@@ -83,10 +83,11 @@ def test_streamed_stable_diffusion_gives_the_same_image(monkeypatch):
     from test_sd_common import saved
     _, single = saved("sd1")
     req = Request("a red lighthouse", seed=3, steps=3, sampler="euler", cfg=7.5, width=64, height=64)
-    monkeypatch.setenv("MEZZOTINT_STREAM_WEIGHTS", "0")
+    monkeypatch.delenv("MEZZOTINT_STREAM_WEIGHTS", raising=False)  # off by default
     plain = Pipeline.load(single, "cpu")
+    assert not any(m._forward_hooks for m in plain.unet.modules())
     [want] = plain(req)
-    monkeypatch.delenv("MEZZOTINT_STREAM_WEIGHTS")
+    monkeypatch.setenv("MEZZOTINT_STREAM_WEIGHTS", "1")
     monkeypatch.setattr(pages, "STREAM_MIN_BYTES", 0)  # the tiny test model streams too
     pipe = Pipeline.load(single, "cpu")
     for part in (pipe.text, pipe.unet, pipe.vae):

@@ -86,9 +86,10 @@ def release(t: torch.Tensor) -> int:
 # back right after its forward, so at any moment only the layer that runs is resident (plus
 # what cannot be given back: packed copies, LoRA-merged pages, anything not from a file).
 # The next call faults them back from the page cache: measured at about 10 ms per GB on top
-# of reading them, far less than the layer's own arithmetic on them. Layers, not blocks:
+# of reading them, while the page cache keeps them; where the kernel pages out cold page
+# cache (DAMON reclaim on this workplace's machines) they come from disk, far slower. Layers, not blocks:
 # a block's forward is not always called (the UNet drives its levels' parts itself).
-# Small models are left alone.
+# Small models are left alone. Pipeline.load turns it on with MEZZOTINT_STREAM_WEIGHTS=1.
 STREAM_MIN_BYTES = 256 << 20
 
 

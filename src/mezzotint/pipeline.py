@@ -182,7 +182,9 @@ class Pipeline:
         # fp16 overflows in the autoencoder's decoder (a known SD issue); keep it in fp32
         if dt == torch.float16:
             vae = vae.float()
-        if dev.type == "cpu" and os.environ.get("MEZZOTINT_STREAM_WEIGHTS", "1") != "0":
+        # opt-in: where the kernel pages out cold page cache (DAMON reclaim, memory pressure)
+        # every call reads the weights from disk again (measured: 1.8x slower)
+        if dev.type == "cpu" and os.environ.get("MEZZOTINT_STREAM_WEIGHTS", "0") == "1":
             for m in (text, unet, vae):  # large models: only the part that runs stays resident
                 pages.stream(m)
         return cls(unet, vae, text, cfg, dev, dt, str(Path(path).resolve()))
