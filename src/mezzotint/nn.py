@@ -64,7 +64,8 @@ class Conv2d(nn.Conv2d):
 
     def forward(self, x):
         w = self.weight
-        if (_PACKED_CONV and self.packable and x.dim() == 4 and self.padding_mode == "zeros" and not isinstance(self.padding, str)
+        if (_PACKED_CONV and self.packable and x.dim() == 4 and self.padding_mode == "zeros"
+                and not isinstance(self.padding, str)
                 and x.numel() // x.shape[1] * w.numel() >= ONEDNN_MIN_MACS
                 and w.numel() >= PACK_MIN_RATIO * x.numel() and _cpu_inference(x, w)):
             b = self.bias
