@@ -32,8 +32,8 @@ def _private_file_maps() -> list[tuple[int, int]]:
     return out
 
 
-def _in_private_file_map(lo: int, hi: int, maps=None) -> bool:
-    return any(a <= lo and hi <= b for a, b in (_private_file_maps() if maps is None else maps))
+def _in_private_file_map(lo: int, hi: int, maps: list[tuple[int, int]]) -> bool:
+    return any(a <= lo and hi <= b for a, b in maps)
 
 
 def _only_file_pages(start: int, end: int, page: int) -> bool:
@@ -55,9 +55,10 @@ def _page_range(t: torch.Tensor) -> tuple[int, int, int, int, int]:
     return lo, hi, -(-lo // page) * page, hi // page * page, page  # whole pages only: edges may be shared
 
 
-def _drop(start: int, end: int, page: int) -> int:
-    """madvise DONTNEED [start, end) unless a page of it is a private (written) copy."""
+def _drop(t: torch.Tensor) -> int:
+    """madvise DONTNEED t's whole pages unless one of them is a private (written) copy."""
     global _libc
+    _, _, start, end, page = _page_range(t)
     if end <= start or not _only_file_pages(start, end, page):
         return 0
     if _libc is None:
@@ -73,13 +74,7 @@ def _usable(t: torch.Tensor) -> bool:
 def release(t: torch.Tensor) -> int:
     """Drop t's resident pages if t lies in a private file mapping and no page of it was
     written; later reads fault them back from the file. Returns the bytes given back."""
-    if not _usable(t):
-        return 0
-    lo, hi, start, end, page = _page_range(t)
-    try:
-        return _drop(start, end, page) if end > start and _in_private_file_map(lo, hi) else 0
-    except OSError:  # no /proc (a container without it): keep the pages
-        return 0
+    return _Releaser([t]).run() if _usable(t) else 0
 
 
 # Streaming a large model's weights from the page cache: each layer gives its file pages
@@ -87,8 +82,9 @@ def release(t: torch.Tensor) -> int:
 # what cannot be given back: packed copies, LoRA-merged pages, anything not from a file).
 # The next call faults them back from the page cache: measured at about 10 ms per GB on top
 # of reading them, while the page cache keeps them; where the kernel pages out cold page
-# cache (DAMON reclaim on this workplace's machines) they come from disk, far slower. Layers, not blocks:
-# a block's forward is not always called (the UNet drives its levels' parts itself).
+# cache (DAMON reclaim on this workplace's machines) they come from disk, far slower.
+# Layers, not blocks: a block's forward is not always called (the UNet drives its levels'
+# parts itself).
 # Small models are left alone. Pipeline.load turns it on with MEZZOTINT_STREAM_WEIGHTS=1.
 STREAM_MIN_BYTES = 256 << 20
 
@@ -121,9 +117,8 @@ class _Releaser:
                     lo, hi, *_ = _page_range(t)
                     self.mapped[id(t)] = known = (t.data_ptr(), _in_private_file_map(lo, hi, maps))
                 if known[1]:
-                    _, _, start, end, page = _page_range(t)
-                    total += _drop(start, end, page)
-        except OSError:
+                    total += _drop(t)
+        except OSError:  # no /proc (a container without it): keep the pages
             pass
         return total
 
@@ -132,7 +127,8 @@ def stream(model: torch.nn.Module, min_bytes: int | None = None) -> list:
     """Give `model`'s file pages back layer by layer as its forward passes them (on Linux,
     for CPU models of at least `min_bytes`, default STREAM_MIN_BYTES). Returns the hook
     handles (remove() undoes it)."""
-    if not sys.platform.startswith("linux") or _nbytes(model) < (STREAM_MIN_BYTES if min_bytes is None else min_bytes):
+    least = STREAM_MIN_BYTES if min_bytes is None else min_bytes
+    if not sys.platform.startswith("linux") or _nbytes(model) < least:
         return []
     handles = []
     for m in model.modules():
