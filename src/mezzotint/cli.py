@@ -116,6 +116,10 @@ def add_training_args(p: argparse.ArgumentParser, unet: bool) -> None:
         p.add_argument("--attention-levels", metavar="0,1,2",
                        help="UNet levels (0 = full resolution) with transformers; with --init, adds "
                             "transformers to a trained model without changing its output at step 0")
+        p.add_argument("--context-layers", type=int, metavar="N",
+                       help="trainable self-attention blocks that refine the frozen text encoder's "
+                            "tokens before cross-attention; with --init, adds them without changing "
+                            "the output at step 0")
     p.add_argument("--stop-after", type=int, metavar="N",
                    help="train at most N more steps in this invocation, then checkpoint and exit")
     o = p.add_argument_group("optimisation")

@@ -37,6 +37,7 @@ class UNetConfig:
     linear_proj: bool = True  # Linear (SD 2.x) or 1x1 conv (SD 1.x) around each transformer
     context_dim: int = 384  # width of the text embeddings fed to cross-attention
     transformer_depth: int = 1  # transformer blocks per attention site
+    context_layers: int = 0  # self-attention blocks that refine the (frozen) text embeddings first
     groups: int = 32  # GroupNorm groups
     dropout: float = 0.0  # dropout inside ResBlocks (training only)
 

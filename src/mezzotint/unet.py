@@ -56,6 +56,24 @@ class TransformerBlock(nn.Module):
         return x + self.ff(self.norm3(x))
 
 
+class ContextBlock(nn.Module):
+    """Pre-norm self-attention and feed-forward over the text tokens: a trainable refiner
+    between the frozen text encoder and the cross-attention (as Lumina-Image 2's context
+    refiner). A frozen sentence encoder spreads every word's facts over all tokens; these
+    blocks can gather each object's colour, shape and place back onto its own tokens."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, dim // heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim, mult=2)
+
+    def forward(self, x, mask=None):
+        x = x + self.attn(self.norm1(x), mask=mask)
+        return x + self.ff(self.norm2(x))
+
+
 class SpatialTransformer(nn.Module):
     """Flattens a feature map to tokens, runs transformer blocks, and adds it back."""
 
@@ -160,6 +178,27 @@ class UNet(nn.Module):
 
         self.conv_norm_out = nn.GroupNorm(cfg.groups, ch)
         self.conv_out = Conv2d(ch, cfg.out_channels, 3, padding=1)
+        if cfg.context_layers:
+            heads = max(1, cfg.context_dim // 64)
+            self.context_blocks = nn.ModuleList(ContextBlock(cfg.context_dim, heads) for _ in range(cfg.context_layers))
+
+    def refine_context(self, context, mask=None):
+        """The text tokens the cross-attention sees: the encoder's, through the refiner if any.
+        In inference row by row: the same prompt gives the same tokens in any batch (small-M
+        matmuls); in training batched, as the per-row loop costs a third of a step."""
+        if not self.cfg.context_layers:
+            return context
+        if self.training:
+            for block in self.context_blocks:
+                context = block(context, mask)
+            return context
+        rows = []
+        for i in range(context.shape[0]):
+            c, m = context[i:i + 1], None if mask is None else mask[i:i + 1]
+            for block in self.context_blocks:
+                c = block(c, m)
+            rows.append(c)
+        return torch.cat(rows)
 
     def forward(self, x, t, context, context_mask=None):
         """x: (B, C, h, w) latent; t: (B,) timesteps (float allowed); context: (B, L, D)."""
@@ -169,7 +208,7 @@ class UNet(nn.Module):
             # to a batch of one, since small-M matmuls take other kernels as M changes
             t = t[:1]
         emb = self.time_embedding(timestep_embedding(t, self.cfg.channels).to(x.dtype))
-        context = context.to(x.dtype)
+        context = self.refine_context(context.to(x.dtype), context_mask)
         h = self.conv_in(x)
         skips = [h]
         for level in self.down_blocks:

@@ -104,6 +104,9 @@ def diffusers_configs(cfg: ModelConfig) -> dict[str, dict]:
     u, v, s = cfg.unet, cfg.vae, cfg.scheduler
     widths = [u.channels * m for m in u.channel_mult]
     L = len(widths)
+    if u.context_layers:
+        raise ModelError(f"this UNet refines the text tokens ({u.context_layers} context blocks), "
+                         "which diffusers' UNet2DConditionModel has no place for")
     if not u.num_heads and any(w % u.head_dim for w in widths):
         raise ModelError(f"UNet widths {widths} are not multiples of head_dim {u.head_dim}")
     unet = {

@@ -49,7 +49,7 @@ def train_vae(tc: TrainConfig, preset: str = "shapes", init: str | None = None,
 
 def train_unet(tc: TrainConfig, preset: str = "shapes", vae: str | None = None, init: str | None = None,
                prediction: str | None = None, stop_after: int | None = None,
-               attention_levels: tuple[int, ...] | None = None) -> Path:
+               attention_levels: tuple[int, ...] | None = None, context_layers: int | None = None) -> Path:
 
     from .. import checkpoints
     from ..data import open_dataset
@@ -59,10 +59,15 @@ def train_unet(tc: TrainConfig, preset: str = "shapes", vae: str | None = None, 
     d = Dist.from_env()
     torch.manual_seed(tc.seed)  # the initial weights
     run = Path(tc.run)
+    if context_layers is not None and context_layers < 0:
+        raise ValueError(f"--context-layers must be >= 0, got {context_layers}")
     if init:
         unet, vae_model, cfg = checkpoints.load_model(init)
         if attention_levels is not None and tuple(attention_levels) != tuple(cfg.unet.attention_levels):
             unet = grow_attention(unet, attention_levels)
+            cfg = dataclasses.replace(cfg, unet=unet.cfg)
+        if context_layers is not None and context_layers != cfg.unet.context_layers:
+            unet = grow_context(unet, context_layers)
             cfg = dataclasses.replace(cfg, unet=unet.cfg)
         unet.requires_grad_(True).train()
         base = Path(init)
@@ -76,6 +81,8 @@ def train_unet(tc: TrainConfig, preset: str = "shapes", vae: str | None = None, 
             if attention_levels is not None:
                 _check_range(attention_levels, len(c.unet.channel_mult), f"preset {preset!r}")
                 c = dataclasses.replace(c, unet=dataclasses.replace(c.unet, attention_levels=tuple(attention_levels)))
+            if context_layers is not None:
+                c = dataclasses.replace(c, unet=dataclasses.replace(c.unet, context_layers=context_layers))
             sched = c.scheduler if prediction is None else dataclasses.replace(c.scheduler, prediction_type=prediction)
             c_in = vae_model.cfg.latent_channels
             if (c.unet.in_channels, c.unet.out_channels) != (c_in, c_in):
@@ -100,22 +107,46 @@ def grow_attention(unet, levels):
     The new transformers' output projections start at zero, so each adds nothing until
     training moves it (the zero-init trick of ControlNet and LDM's proj_out): a trained
     model gains capacity without losing what it knows. Levels can only be added."""
-    from ..unet import UNet
     old = tuple(unet.cfg.attention_levels)
     n_levels = len(unet.cfg.channel_mult)
     levels = tuple(sorted(set(levels)))
     if missing := [lv for lv in old if lv not in levels]:
         raise ValueError(f"--attention-levels must keep the model's levels {list(old)}; missing {missing}")
     _check_range(levels, n_levels, "the model")
-    grown = UNet(dataclasses.replace(unet.cfg, attention_levels=levels))
+    grown, new = _grown(unet, dataclasses.replace(unet.cfg, attention_levels=levels), r"(.*?\.attentions\.\d+)\.")
+    with torch.no_grad():
+        for name in new:
+            grown.get_submodule(name).proj_out.weight.zero_()
+            grown.get_submodule(name).proj_out.bias.zero_()
+    return grown.to(next(unet.parameters()).dtype)
+
+
+def grow_context(unet, layers: int):
+    """The same UNet with `layers` text-refiner blocks (ContextBlock), computing the same
+    function at first: each new block's two output projections start at zero. Blocks can
+    only be added."""
+    have = unet.cfg.context_layers
+    if layers < have:
+        raise ValueError(f"--context-layers can only add blocks: the model has {have}, asked for {layers}")
+    grown, new = _grown(unet, dataclasses.replace(unet.cfg, context_layers=layers), r"(context_blocks\.\d+)\.")
+    with torch.no_grad():
+        for name in new:
+            block = grown.get_submodule(name)
+            for out in (block.attn.to_out[0], block.ff.net[2]):
+                out.weight.zero_()
+                out.bias.zero_()
+    return grown.to(next(unet.parameters()).dtype)
+
+
+def _grown(unet, cfg, new_key: str):
+    """A UNet of config `cfg` holding `unet`'s weights, and the names of its new modules
+    (those of the missing keys, which must all match `new_key`)."""
+    from ..unet import UNet
+    grown = UNet(cfg)
     result = grown.load_state_dict(unet.state_dict(), strict=False)
     if result.unexpected_keys:
         raise ValueError(f"cannot grow: unexpected keys {result.unexpected_keys[:3]}")
-    new = {re.match(r"(.*?\.attentions\.\d+)\.", k) for k in result.missing_keys}
+    new = {re.match(new_key, k) for k in result.missing_keys}
     if None in new:
-        raise ValueError("cannot grow: keys besides the new transformers are missing")
-    with torch.no_grad():
-        for m in new:
-            grown.get_submodule(m.group(1)).proj_out.weight.zero_()
-            grown.get_submodule(m.group(1)).proj_out.bias.zero_()
-    return grown.to(next(unet.parameters()).dtype)
+        raise ValueError("cannot grow: keys besides the new modules are missing")
+    return grown, sorted(m.group(1) for m in new)

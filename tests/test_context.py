@@ -1,0 +1,94 @@
+"""The text refiner (`UNetConfig.context_layers`): trainable self-attention blocks over the
+frozen encoder's tokens. Grown onto a trained model they start as the identity; in inference
+they run row by row, so a prompt's tokens do not depend on its batch."""
+import json
+
+import pytest
+import torch
+
+from mezzotint.checkpoints import ModelError, load_model, save_vae
+from mezzotint.cli import main
+from mezzotint.config import PRESETS
+from mezzotint.sd.dconfig import diffusers_configs
+from mezzotint.train import grow_context
+from mezzotint.unet import UNet
+from mezzotint.vae import AutoencoderKL
+
+from test_grow import FAST, trained_like_unet
+
+
+def perturbed(unet):
+    with torch.no_grad():  # as if trained: the refiner's zero projections moved
+        for p in unet.context_blocks.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return unet
+
+
+def inputs(batch=3, tokens=6):
+    torch.manual_seed(1)
+    mask = torch.ones(batch, tokens, dtype=torch.bool)
+    mask[1, 4:] = False
+    return torch.randn(batch, 4, 8, 8), torch.tensor([10.0, 400.0, 900.0][:batch]), torch.randn(batch, tokens, 384), mask
+
+
+def test_grown_refiner_computes_the_same_function():
+    unet = trained_like_unet()
+    grown = grow_context(unet, 2).eval()
+    assert grown.cfg.context_layers == 2 and len(grown.context_blocks) == 2
+    x, t, ctx, mask = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(grown(x, t, ctx, mask), unet(x, t, ctx, mask), rtol=0, atol=0)
+
+
+def test_refiner_learns_and_changes_the_output():
+    unet = trained_like_unet()
+    grown = grow_context(unet, 1).train()
+    x, t, ctx, mask = inputs()
+    grown(x, t, ctx, mask).square().mean().backward()
+    block = grown.context_blocks[0]
+    assert block.attn.to_out[0].weight.grad.abs().sum() > 0 and block.ff.net[2].weight.grad.abs().sum() > 0
+    perturbed(grown).eval()
+    with torch.no_grad():
+        assert (grown(x, t, ctx, mask) - unet(x, t, ctx, mask)).abs().max() > 1e-3
+
+
+def test_padding_and_batch_do_not_change_a_prompts_tokens():
+    unet = perturbed(grow_context(trained_like_unet(), 2)).eval()
+    _, _, ctx, mask = inputs()
+    with torch.no_grad():
+        out = unet.refine_context(ctx, mask)
+        alone = unet.refine_context(ctx[1:2, :4], mask[1:2, :4])
+        torch.testing.assert_close(out[1, :4], alone[0], rtol=1e-5, atol=1e-6)  # masked tokens unseen
+        for k in range(3):  # row k of a batch equals a batch of one, bit for bit
+            torch.testing.assert_close(out[k], unet.refine_context(ctx[k:k + 1], mask[k:k + 1])[0], rtol=0, atol=0)
+        unet.train()
+        torch.testing.assert_close(unet.refine_context(ctx, mask)[mask], out[mask], rtol=1e-4, atol=2e-5)
+
+
+def test_refiner_only_grows_and_has_no_diffusers_form():
+    unet = grow_context(trained_like_unet(), 2)
+    with pytest.raises(ValueError, match="can only add blocks"):
+        grow_context(unet, 1)
+    cfg = PRESETS["tiny"]
+    cfg = type(cfg)(**{**cfg.__dict__, "unet": unet.cfg})
+    with pytest.raises(ModelError, match="refines the text tokens"):
+        diffusers_configs(cfg)
+
+
+def test_train_with_context_layers(tmp_path, capsys):
+    vae = save_vae(tmp_path / "vae", AutoencoderKL(PRESETS["tiny"].vae), PRESETS["tiny"].vae)
+    base = ["train", "--run-dir", str(tmp_path / "base"), "--preset", "tiny", "--vae", str(vae), "--steps", "2"]
+    assert main(base + ["--context-layers", "1"] + FAST) == 0
+    unet, _, cfg = load_model(tmp_path / "base" / "model")
+    assert cfg.unet.context_layers == 1 and len(unet.context_blocks) == 1
+    grow = ["train", "--run-dir", str(tmp_path / "grown"), "--init", str(tmp_path / "base" / "model"),
+            "--context-layers", "2"]
+    assert main(grow + ["--steps", "2"] + FAST) == 0
+    saved = json.loads((tmp_path / "grown" / "model" / "model.json").read_text())
+    assert saved["config"]["unet"]["context_layers"] == 2
+    assert main(grow + ["--steps", "4"] + FAST) == 0  # a rerun resumes the grown run
+    assert "resuming from" in capsys.readouterr().err
+    assert main(grow[:-1] + ["0", "--steps", "2"] + FAST) == 2
+    assert "can only add blocks" in capsys.readouterr().err
+    assert main(base[:-2] + ["--steps", "2", "--context-layers", "-1"] + FAST) == 2
+    assert "must be >= 0" in capsys.readouterr().err
