@@ -92,3 +92,28 @@ def test_train_with_context_layers(tmp_path, capsys):
     assert "can only add blocks" in capsys.readouterr().err
     assert main(base[:-2] + ["--steps", "2", "--context-layers", "-1"] + FAST) == 2
     assert "must be >= 0" in capsys.readouterr().err
+
+
+def test_inference_refines_once_and_notices_new_weights_and_tokens():
+    unet = perturbed(grow_context(trained_like_unet(), 1)).eval()
+    calls = []
+    unet.context_blocks[0].register_forward_hook(lambda *a: calls.append(1))
+    x, t, ctx, mask = inputs()
+    with torch.inference_mode():
+        first = unet(x, t, ctx, mask)
+        for _ in range(3):  # a sampler's steps: same tokens, refined once
+            unet(x, t, ctx.clone(), mask.clone())
+    assert len(calls) == 3  # one pass per row, the first call only
+    other = ctx.clone()
+    other[2, 0, 0] += 1
+    with torch.no_grad():
+        unet(x, t, other, mask)
+        assert len(calls) == 6
+        new = {k: v * 1.5 if k.startswith("context_blocks.") else v for k, v in unet.state_dict().items()}
+        unet.load_state_dict(new)  # in place, as an EMA swap does
+        changed = unet(x, t, ctx, mask)
+    assert len(calls) == 9 and (changed - first).abs().max() > 1e-4
+    fresh = grow_context(trained_like_unet(), 1)
+    fresh.load_state_dict(new)
+    with torch.no_grad():
+        torch.testing.assert_close(changed, fresh.eval()(x, t, ctx, mask), rtol=0, atol=0)
