@@ -117,3 +117,30 @@ def test_inference_refines_once_and_notices_new_weights_and_tokens():
     fresh.load_state_dict(new)
     with torch.no_grad():
         torch.testing.assert_close(changed, fresh.eval()(x, t, ctx, mask), rtol=0, atol=0)
+
+
+def test_cross_attention_keeps_keys_and_values_while_tokens_and_weights_stay():
+    from mezzotint.nn import Attention
+    torch.manual_seed(0)
+    attn = Attention(32, 2, 16, context_dim=384).eval()
+    x, ctx = torch.randn(2, 10, 32), torch.randn(2, 5, 384)
+    calls = []
+    attn.to_k.register_forward_hook(lambda *a: calls.append(1))
+    with torch.inference_mode():
+        first = attn(x, ctx)
+        again = attn(torch.randn(2, 10, 32), ctx.clone())  # new queries, same tokens
+    assert len(calls) == 2  # one per row, first call only
+    with torch.no_grad():
+        attn.to_v.weight.add_(0.1)  # an in-place edit, as a LoRA merge
+        edited = attn(x, ctx)
+        fresh = Attention(32, 2, 16, context_dim=384)
+        fresh.load_state_dict(attn.state_dict())
+        torch.testing.assert_close(edited, fresh(x, ctx), rtol=0, atol=0)
+        assert (edited - first).abs().max() > 1e-3 and len(calls) == 4
+        ctx2 = ctx.clone()
+        ctx2[1, 4, 0] -= 1
+        torch.testing.assert_close(attn(x, ctx2), fresh(x, ctx2), rtol=0, atol=0)
+    assert again.shape == first.shape
+    out = attn(x, ctx)  # with autograd: computed afresh and differentiable
+    out.square().sum().backward()
+    assert attn.to_k.weight.grad is not None

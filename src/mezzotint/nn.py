@@ -32,6 +32,28 @@ def _cpu_inference(x: torch.Tensor, w: torch.Tensor) -> bool:
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)))
 
 
+def weight_key(*tensors) -> tuple:
+    """Changes whenever one of `tensors` is replaced or edited in place (version counter)."""
+    out = []
+    for t in tensors:
+        if t is None:
+            out.append(None)
+            continue
+        try:
+            version = t._version
+        except RuntimeError:  # an inference tensor: it cannot be edited outside inference mode
+            version = -1
+        out.append((id(t), t.data_ptr(), version, t.dtype))
+    return tuple(out)
+
+
+def same_tensor(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    """Same shape, dtype, device and values (None only equals None)."""
+    if a is None or b is None:
+        return a is None and b is None
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     if _ONEDNN and x.numel() * w.shape[0] >= ONEDNN_MIN_MACS and _cpu_inference(x, w):
         return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
@@ -81,11 +103,7 @@ class Conv2d(nn.Conv2d):
 
     def _packed(self, x):
         w = self.weight
-        try:
-            version = w._version  # in-place edits (LoRA merges) bump it
-        except RuntimeError:  # an inference tensor: it cannot be edited outside inference mode
-            version = -1
-        key = (id(w), w.data_ptr(), version, w.dtype)
+        key = weight_key(w)  # in-place edits (LoRA merges) change it
         cached = self.__dict__.get("_pack")
         if cached is None or cached[0] != key:
             with torch.no_grad():
@@ -164,10 +182,7 @@ class Attention(nn.Module):
         if context is None:
             k, v = self.to_k(x), self.to_v(x)
         else:
-            # row by row: a short context makes a small-M matmul whose kernel (and rounding)
-            # changes with the batch size; per row, image k of a batch equals a batch of one
-            k = torch.stack([self.to_k(c) for c in context])
-            v = torch.stack([self.to_v(c) for c in context])
+            k, v = self._context_kv(context)
         q, k, v = (t.view(B, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2)
                    for t in (q, k, v))  # (B, heads, N|L, d)
         attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, L)
@@ -179,6 +194,25 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, N, d)
         out = out.transpose(1, 2).reshape(B, N, -1)
         return self.to_out[0](out)
+
+    def _context_kv(self, context):
+        """Keys and values of the text tokens. Row by row: a short context makes a small-M
+        matmul whose kernel (and rounding) changes with the batch size; per row, image k of a
+        batch equals a batch of one. Without autograd they are kept for the next call, since a
+        sampler passes the same tokens at every step: the cache is checked by value and by the
+        weights' version counters (LoRA merges and state-dict loads edit them in place)."""
+        key = weight_key(self.to_k.weight, self.to_k.bias, self.to_v.weight, self.to_v.bias)
+        hit = self.__dict__.get("_kv")
+        if hit is not None and hit[0] == key and same_tensor(hit[1], context):
+            return hit[2], hit[3]
+        k = torch.stack([self.to_k(c) for c in context])
+        v = torch.stack([self.to_v(c) for c in context])
+        if not torch.is_grad_enabled():
+            self.__dict__["_kv"] = (key, context.clone(), k, v)
+        return k, v
+
+    def __getstate__(self):  # copies (deepcopy, pickle) leave the cache behind
+        return {k: v for k, v in self.__dict__.items() if k != "_kv"}
 
 
 class Downsample(nn.Module):
