@@ -176,3 +176,14 @@ def test_pool_refuses_a_pool_built_for_other_settings(tmp_path, tiny_vae, capsys
     assert main(cmd) == 2
     assert "built for another pool" in capsys.readouterr().err
     assert main(["train-vae", "--run-dir", str(tmp_path / "v"), "--preset", "tiny", "--pool", "4"]) == 2
+
+
+def test_loss_weight_min_snr_and_floor():
+    from mezzotint.train.tasks import loss_weight
+    snr = torch.tensor([0.01, 0.5, 2.0, 50.0])
+    torch.testing.assert_close(loss_weight(snr, 0, 0, True), torch.ones(4))
+    # the x0 error's weight = v weight * (snr + 1) = eps weight * snr
+    torch.testing.assert_close(loss_weight(snr, 5, 0, True) * (snr + 1), torch.tensor([0.01, 0.5, 2.0, 5.0]))
+    torch.testing.assert_close(loss_weight(snr, 5, 1, True) * (snr + 1), torch.tensor([1.0, 1.0, 2.0, 5.0]))
+    torch.testing.assert_close(loss_weight(snr, 5, 1, False) * snr, torch.tensor([1.0, 1.0, 2.0, 5.0]))
+    torch.testing.assert_close(loss_weight(snr, 0, 1, False) * snr, torch.tensor([1.0, 1.0, 2.0, 50.0]))

@@ -32,6 +32,8 @@ def _train_config(args):
     tc = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
     if tc.steps < 1 or tc.batch < 1 or tc.accum < 1:
         raise UsageError("--steps, --batch and --accum must be >= 1")
+    if tc.snr_gamma < 0 or tc.snr_floor < 0:
+        raise UsageError("--snr-gamma and --snr-floor must be >= 0")
     if tc.precision not in ("fp32", "bf16", "fp16"):
         raise UsageError(f"unknown precision {tc.precision!r}; allowed: fp32, bf16, fp16")
     from .config import PRESETS

@@ -149,6 +149,7 @@ class TrainConfig:
     precision: str = "fp32"  # "fp32" | "bf16" | "fp16" (autocast; fp16 only on CUDA)
     caption_dropout: float = 0.1  # share of captions replaced by "" (classifier-free guidance)
     snr_gamma: float = 5.0  # min-SNR loss weighting (Hang et al. 2023); 0 = plain MSE
+    snr_floor: float = 0.0  # x0-error weight at least this (truncated SNR, Salimans & Ho 2022); 0 = off
     kl_weight: float = 1e-6  # VAE only: weight of the KL term
     edge_weight: float = 1.0  # VAE only: weight of the L1 loss on pixel differences (sharp edges)
     ckpt_every: int = 500  # steps between checkpoints

@@ -89,6 +89,20 @@ SAMPLE_PROMPTS = [
 ]
 
 
+def loss_weight(snr: torch.Tensor, gamma: float, floor: float, v: bool) -> torch.Tensor:
+    """Per-item weight of the eps or v loss such that the x0 error counts min(snr, gamma)
+    (min-SNR, Hang et al. 2023), raised to at least `floor` (truncated SNR, Salimans & Ho 2022).
+    Min-SNR alone weighs the x0 error of the noisiest steps, where the layout is decided, by
+    snr (about 0.01 at t = 900); a floor of 1 weighs them like the mid-noise steps. 1 where
+    both are off (plain MSE). An x0 error e costs e / (snr + 1) in v and e / snr in eps."""
+    if gamma <= 0 and floor <= 0:
+        return torch.ones_like(snr)
+    w = snr.clamp(max=gamma) if gamma > 0 else snr
+    if floor > 0:
+        w = w.clamp(min=floor)
+    return w / (snr + 1 if v else snr)
+
+
 class UNetTask(Task):
     """Noise prediction (Ho et al. 2020) or v-prediction (Salimans & Ho 2022) on VAE latents,
     with min-SNR-gamma weighting (Hang et al. 2023) and caption dropout for guidance."""
@@ -145,9 +159,7 @@ class UNetTask(Task):
         v = self.cfg.scheduler.prediction_type == "v"
         target = a.sqrt() * noise - (1 - a).sqrt() * x0 if v else noise
         per = ((pred - target) ** 2).mean(dim=(1, 2, 3))
-        if self.tc.snr_gamma > 0:
-            snr = (a / (1 - a)).view(B)
-            per = per * snr.clamp(max=self.tc.snr_gamma) / (snr + 1 if v else snr)
+        per = per * loss_weight((a / (1 - a)).view(B), self.tc.snr_gamma, self.tc.snr_floor, v)
         if self.grounding is None:
             return per.mean()
         items = [g % self.pool.size if self.pool is not None else g for g in indices]
