@@ -117,6 +117,8 @@ def test_inference_refines_once_and_notices_new_weights_and_tokens():
     fresh.load_state_dict(new)
     with torch.no_grad():
         torch.testing.assert_close(changed, fresh.eval()(x, t, ctx, mask), rtol=0, atol=0)
+    unet(x, t, ctx, mask).square().mean().backward()  # with autograd the cache is not used
+    assert unet.context_blocks[0].attn.to_q.weight.grad.abs().sum() > 0
 
 
 def test_cross_attention_keeps_keys_and_values_while_tokens_and_weights_stay():
@@ -141,6 +143,8 @@ def test_cross_attention_keeps_keys_and_values_while_tokens_and_weights_stay():
         ctx2[1, 4, 0] -= 1
         torch.testing.assert_close(attn(x, ctx2), fresh(x, ctx2), rtol=0, atol=0)
     assert again.shape == first.shape
-    out = attn(x, ctx)  # with autograd: computed afresh and differentiable
+    with torch.no_grad():
+        attn(x, ctx)  # cached ...
+    out = attn(x, ctx)  # ... but with autograd computed afresh and differentiable
     out.square().sum().backward()
     assert attn.to_k.weight.grad is not None

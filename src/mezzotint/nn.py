@@ -202,12 +202,12 @@ class Attention(nn.Module):
         sampler passes the same tokens at every step: the cache is checked by value and by the
         weights' version counters (LoRA merges and state-dict loads edit them in place)."""
         key = weight_key(self.to_k.weight, self.to_k.bias, self.to_v.weight, self.to_v.bias)
-        hit = self.__dict__.get("_kv")
-        if hit is not None and hit[0] == key and same_tensor(hit[1], context):
+        caching, hit = not torch.is_grad_enabled(), self.__dict__.get("_kv")
+        if caching and hit is not None and hit[0] == key and same_tensor(hit[1], context):
             return hit[2], hit[3]
         k = torch.stack([self.to_k(c) for c in context])
         v = torch.stack([self.to_v(c) for c in context])
-        if not torch.is_grad_enabled():
+        if caching:
             self.__dict__["_kv"] = (key, context.clone(), k, v)
         return k, v
 

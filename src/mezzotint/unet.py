@@ -195,9 +195,9 @@ class UNet(nn.Module):
             return context
         # a sampler calls with the same tokens at every step: refine them once (checked as
         # the cross-attention's keys and values are, see Attention._context_kv)
-        key = weight_key(*self.context_blocks.parameters())
+        key, caching = weight_key(*self.context_blocks.parameters()), not torch.is_grad_enabled()
         hit = self.__dict__.get("_refined")
-        if hit is not None and hit[0] == key and same_tensor(hit[1], context) and same_tensor(hit[2], mask):
+        if caching and hit is not None and hit[0] == key and same_tensor(hit[1], context) and same_tensor(hit[2], mask):
             return hit[3]
         rows = []
         for i in range(context.shape[0]):
@@ -206,13 +206,12 @@ class UNet(nn.Module):
                 c = block(c, m)
             rows.append(c)
         out = torch.cat(rows)
-        if not torch.is_grad_enabled():
+        if caching:
             self.__dict__["_refined"] = (key, context.clone(), None if mask is None else mask.clone(), out)
         return out
 
     def __getstate__(self):  # copies (deepcopy, pickle) leave the cache behind
         return {k: v for k, v in self.__dict__.items() if k != "_refined"}
-
 
     def forward(self, x, t, context, context_mask=None):
         """x: (B, C, h, w) latent; t: (B,) timesteps (float allowed); context: (B, L, D)."""
