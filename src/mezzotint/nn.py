@@ -54,6 +54,20 @@ def same_tensor(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
 
 
+def kept(owner: nn.Module, slot: str, weights, inputs: tuple, compute):
+    """compute(), kept in owner.__dict__[slot] and returned again while `inputs` keep their
+    values and `weights` are not edited or replaced (weight_key). Only without autograd: a
+    kept result has no graph. Owners leave the slot out of copies (__getstate__)."""
+    key, caching = weight_key(*weights), not torch.is_grad_enabled()
+    hit = owner.__dict__.get(slot)
+    if caching and hit is not None and hit[0] == key and all(map(same_tensor, hit[1], inputs)):
+        return hit[2]
+    out = compute()
+    if caching:
+        owner.__dict__[slot] = (key, tuple(None if t is None else t.clone() for t in inputs), out)
+    return out
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     if _ONEDNN and x.numel() * w.shape[0] >= ONEDNN_MIN_MACS and _cpu_inference(x, w):
         return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
@@ -201,15 +215,10 @@ class Attention(nn.Module):
         batch equals a batch of one. Without autograd they are kept for the next call, since a
         sampler passes the same tokens at every step: the cache is checked by value and by the
         weights' version counters (LoRA merges and state-dict loads edit them in place)."""
-        key = weight_key(self.to_k.weight, self.to_k.bias, self.to_v.weight, self.to_v.bias)
-        caching, hit = not torch.is_grad_enabled(), self.__dict__.get("_kv")
-        if caching and hit is not None and hit[0] == key and same_tensor(hit[1], context):
-            return hit[2], hit[3]
-        k = torch.stack([self.to_k(c) for c in context])
-        v = torch.stack([self.to_v(c) for c in context])
-        if caching:
-            self.__dict__["_kv"] = (key, context.clone(), k, v)
-        return k, v
+        def compute():
+            return torch.stack([self.to_k(c) for c in context]), torch.stack([self.to_v(c) for c in context])
+        weights = (self.to_k.weight, self.to_k.bias, self.to_v.weight, self.to_v.bias)
+        return kept(self, "_kv", weights, (context,), compute)
 
     def __getstate__(self):  # copies (deepcopy, pickle) leave the cache behind
         return {k: v for k, v in self.__dict__.items() if k != "_kv"}

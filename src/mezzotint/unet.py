@@ -12,8 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import UNetConfig
-from .nn import (Attention, Conv2d, Downsample, Linear, ResBlock, TimestepMLP, Upsample, same_tensor,
-                 timestep_embedding, weight_key)
+from .nn import Attention, Conv2d, Downsample, Linear, ResBlock, TimestepMLP, Upsample, kept, timestep_embedding
 
 
 class GEGLU(nn.Module):
@@ -186,29 +185,23 @@ class UNet(nn.Module):
     def refine_context(self, context, mask=None):
         """The text tokens the cross-attention sees: the encoder's, through the refiner if any.
         In inference row by row: the same prompt gives the same tokens in any batch (small-M
-        matmuls); in training batched, as the per-row loop costs a third of a step."""
+        matmuls), and a sampler's steps, which pass the same tokens, refine them once (kept as
+        the cross-attention's keys and values are). In training batched, as the per-row loop
+        costs a third of a step."""
         if not self.cfg.context_layers:
             return context
         if self.training:
-            for block in self.context_blocks:
-                context = block(context, mask)
-            return context
-        # a sampler calls with the same tokens at every step: refine them once (checked as
-        # the cross-attention's keys and values are, see Attention._context_kv)
-        key, caching = weight_key(*self.context_blocks.parameters()), not torch.is_grad_enabled()
-        hit = self.__dict__.get("_refined")
-        if caching and hit is not None and hit[0] == key and same_tensor(hit[1], context) and same_tensor(hit[2], mask):
-            return hit[3]
-        rows = []
-        for i in range(context.shape[0]):
-            c, m = context[i:i + 1], None if mask is None else mask[i:i + 1]
-            for block in self.context_blocks:
-                c = block(c, m)
-            rows.append(c)
-        out = torch.cat(rows)
-        if caching:
-            self.__dict__["_refined"] = (key, context.clone(), None if mask is None else mask.clone(), out)
-        return out
+            return self._refine(context, mask)
+
+        def rows():
+            return torch.cat([self._refine(context[i:i + 1], None if mask is None else mask[i:i + 1])
+                              for i in range(context.shape[0])])
+        return kept(self, "_refined", self.context_blocks.parameters(), (context, mask), rows)
+
+    def _refine(self, context, mask):
+        for block in self.context_blocks:
+            context = block(context, mask)
+        return context
 
     def __getstate__(self):  # copies (deepcopy, pickle) leave the cache behind
         return {k: v for k, v in self.__dict__.items() if k != "_refined"}
