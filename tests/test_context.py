@@ -148,3 +148,21 @@ def test_cross_attention_keeps_keys_and_values_while_tokens_and_weights_stay():
     out = attn(x, ctx)  # ... but with autograd computed afresh and differentiable
     out.square().sum().backward()
     assert attn.to_k.weight.grad is not None
+
+
+def test_keys_and_values_kept_for_both_guidance_passes():
+    """Guidance's passes, side by side, alternate two prompts' tokens: both stay kept."""
+    from mezzotint.nn import KEPT_ENTRIES, Attention
+    torch.manual_seed(0)
+    attn = Attention(32, 2, 16, context_dim=384).eval()
+    x, cond, uncond = torch.randn(1, 10, 32), torch.randn(1, 5, 384), torch.randn(1, 2, 384)
+    calls = []
+    attn.to_k.register_forward_hook(lambda *a: calls.append(1))
+    with torch.inference_mode():
+        outs = [attn(x, c) for c in (cond, uncond) * 3]
+        assert len(calls) == 2 and KEPT_ENTRIES >= 2
+        torch.testing.assert_close(outs[4], outs[0], rtol=0, atol=0)
+        attn(x, torch.randn(1, 3, 384))  # a third prompt pushes out the oldest (cond)
+        attn(x, uncond)
+        attn(x, cond)
+    assert len(calls) == 4

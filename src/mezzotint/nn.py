@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -54,22 +55,30 @@ def same_tensor(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
 
 
+KEPT_ENTRIES = 2  # results kept per slot: guidance's two passes, side by side, each have theirs
+
+
 def kept(owner: nn.Module, slot: str, weights, inputs: tuple, compute):
     """compute(), kept in owner.__dict__[slot] and returned again while `inputs` keep their
-    values and `weights` are not edited or replaced (weight_key). Only without autograd: a
-    kept result has no graph. Owners leave the slot out of copies (__getstate__)."""
-    key, caching = weight_key(*weights), not torch.is_grad_enabled()
-    hit = owner.__dict__.get(slot)
-    if caching and hit is not None and hit[0] == key and all(map(same_tensor, hit[1], inputs)):
-        return hit[2]
+    values and `weights` are not edited or replaced (weight_key); the last KEPT_ENTRIES
+    distinct inputs are kept. Only without autograd: a kept result has no graph. Owners leave
+    the slot out of copies (__getstate__)."""
+    # a trace would record a kept tensor as a constant: while tracing, always compute
+    key, caching = weight_key(*weights), not torch.is_grad_enabled() and not torch.jit.is_tracing()
+    entries = owner.__dict__.get(slot, ()) if caching else ()
+    for k, ins, out in entries:
+        if k == key and all(map(same_tensor, ins, inputs)):
+            return out
     out = compute()
-    if caching:
-        owner.__dict__[slot] = (key, tuple(None if t is None else t.clone() for t in inputs), out)
+    if caching:  # a new tuple, never edited: the other pass may be reading the old one
+        fresh = (key, tuple(None if t is None else t.clone() for t in inputs), out)
+        owner.__dict__[slot] = (fresh,) + tuple(e for e in entries if e[0] == key)[:KEPT_ENTRIES - 1]
     return out
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    if _ONEDNN and x.numel() * w.shape[0] >= ONEDNN_MIN_MACS and _cpu_inference(x, w):
+    if (_ONEDNN and x.numel() * w.shape[0] >= ONEDNN_MIN_MACS and _cpu_inference(x, w)
+            and not torch.jit.is_tracing()):  # a trace cannot record its arguments
         return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
     return F.linear(x, w, b)
 
@@ -93,6 +102,9 @@ _PACKED_CONV = (_ONEDNN and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
                 and os.environ.get("MEZZOTINT_PACKED_CONV", "1") != "0")
 
 
+_PACKING = threading.Lock()
+
+
 class Conv2d(nn.Conv2d):
     """nn.Conv2d (same parameters, same state dict); CPU inference of large convs runs on
     weights packed once into oneDNN's layout. Gradients, small convs, other devices: F.conv2d."""
@@ -103,7 +115,8 @@ class Conv2d(nn.Conv2d):
         if (_PACKED_CONV and self.packable and x.dim() == 4 and self.padding_mode == "zeros"
                 and not isinstance(self.padding, str)
                 and x.numel() // x.shape[1] * w.numel() >= ONEDNN_MIN_MACS
-                and w.numel() >= PACK_MIN_RATIO * x.numel() and _cpu_inference(x, w)):
+                and w.numel() >= PACK_MIN_RATIO * x.numel() and _cpu_inference(x, w)
+                and not torch.jit.is_tracing()):  # a trace cannot hold the packed weights
             b = self.bias
             out = torch.ops.mkldnn._convolution_pointwise(
                 x, self._packed(x), None if b is None else b.detach(), list(self.padding), list(self.stride),
@@ -120,12 +133,15 @@ class Conv2d(nn.Conv2d):
         key = weight_key(w)  # in-place edits (LoRA merges) change it
         cached = self.__dict__.get("_pack")
         if cached is None or cached[0] != key:
-            with torch.no_grad():
-                packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
-                    w.detach().to_mkldnn(), list(self.padding), list(self.stride), list(self.dilation),
-                    self.groups, list(x.shape))
-            self.__dict__["_pack"] = cached = (key, packed)
-            release(w)  # weights mapped from a file: the packed copy takes their place in memory
+            with _PACKING:  # guidance's other pass, side by side, waits rather than packs twice
+                cached = self.__dict__.get("_pack")
+                if cached is None or cached[0] != key:
+                    with torch.no_grad():
+                        packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
+                            w.detach().to_mkldnn(), list(self.padding), list(self.stride), list(self.dilation),
+                            self.groups, list(x.shape))
+                    self.__dict__["_pack"] = cached = (key, packed)
+                    release(w)  # weights mapped from a file: the packed copy takes their place in memory
         return cached[1]
 
 

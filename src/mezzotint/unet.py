@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import graphs
 from .config import UNetConfig
 from .nn import Attention, Conv2d, Downsample, Linear, ResBlock, TimestepMLP, Upsample, kept, timestep_embedding
 
@@ -203,8 +204,8 @@ class UNet(nn.Module):
             context = block(context, mask)
         return context
 
-    def __getstate__(self):  # copies (deepcopy, pickle) leave the cache behind
-        return {k: v for k, v in self.__dict__.items() if k != "_refined"}
+    def __getstate__(self):  # copies (deepcopy, pickle) leave the caches and traces behind
+        return {k: v for k, v in graphs.state(self.__dict__).items() if k != "_refined"}
 
     def forward(self, x, t, context, context_mask=None):
         """x: (B, C, h, w) latent; t: (B,) timesteps (float allowed); context: (B, L, D)."""
@@ -213,6 +214,11 @@ class UNet(nn.Module):
             # one embedding broadcast over the batch: also keeps row k of a batch bit-identical
             # to a batch of one, since small-M matmuls take other kernels as M changes
             t = t[:1]
+        if graphs.usable(self, x):
+            return graphs.run(self, "_forward", x, t, context, context_mask)
+        return self._forward(x, t, context, context_mask)
+
+    def _forward(self, x, t, context, context_mask):
         emb = self.time_embedding(timestep_embedding(t, self.cfg.channels).to(x.dtype))
         context = self.refine_context(context.to(x.dtype), context_mask)
         h = self.conv_in(x)

@@ -29,7 +29,8 @@ def _expand(v, batch: int):
 class CFGDenoiser:
     """D_cfg(x, sigma) = D(x, sigma, **uncond) + scale * (D(x, sigma, **cond) - D(x, sigma, **uncond))."""
 
-    def __init__(self, denoiser, cond: dict, uncond: dict, scale: float, batch_together: bool = True):
+    def __init__(self, denoiser, cond: dict, uncond: dict, scale: float, batch_together: bool = True,
+                 side_by_side=None):
         if set(cond) != set(uncond):
             raise ValueError(f"cond and uncond need the same keys, got {sorted(cond)} and {sorted(uncond)}")
         self.denoiser = denoiser
@@ -37,6 +38,9 @@ class CFGDenoiser:
         self.uncond = dict(uncond)
         self.scale = float(scale)
         self.batch_together = batch_together
+        # side_by_side(f, g) -> (f(), g()): runs the two passes at once (graphs.both), instead
+        # of as one batch; the same outputs up to rounding
+        self.side_by_side = side_by_side
         self._joint_cache: dict[int, dict | None] = {}  # batch size -> joint conditions
 
     def _joint(self, batch: int) -> dict | None:
@@ -69,6 +73,11 @@ class CFGDenoiser:
         if self.scale == 1.0:
             # uncond + 1 * (cond - uncond) = cond: skip the unconditional pass.
             return self.denoiser(x, sigma, **{k: _expand(v, batch) for k, v in self.cond.items()})
+        if self.side_by_side is not None:
+            x0_uncond, x0_cond = self.side_by_side(
+                lambda: self.denoiser(x, sigma, **{k: _expand(v, batch) for k, v in self.uncond.items()}),
+                lambda: self.denoiser(x, sigma, **{k: _expand(v, batch) for k, v in self.cond.items()}))
+            return x0_uncond + self.scale * (x0_cond - x0_uncond)
         joint = None
         if self.batch_together:
             # cond and uncond are fixed for the whole sampling run: pad and concatenate once
