@@ -124,3 +124,13 @@ def test_text_chunks_kept_across_calls_until_weights_change(tiny_pipe):
     finally:
         with torch.no_grad():
             w.sub_(0.5)
+
+
+def test_small_models_prompts_padded_to_length_buckets(tiny_pipe):
+    cond, uncond = tiny_pipe.encode_prompts(["a red circle", "a small blue square above a big green star"], "")
+    for c in (cond, uncond):
+        assert c["context"].shape[1] % 8 == 0
+        assert not c["context"][~c["context_mask"]].any()  # padding is masked zeros
+    tokens = [len(t) for t in tiny_pipe.text.tokenize("a red circle")]
+    assert int(cond["context_mask"][0].sum()) == sum(tokens)
+    assert int(uncond["context_mask"][0].sum()) == 2  # [CLS] [SEP]
