@@ -92,6 +92,16 @@ def test_side_by_side_guidance_equals_batched():
         batched = CFGDenoiser(denoiser, cond, uncond, 4.0)(x, torch.tensor(0.5))
         side = CFGDenoiser(denoiser, cond, uncond, 4.0, side_by_side=graphs.both)(x, torch.tensor(0.5))
     assert torch.allclose(batched, side, atol=1e-6)
+    used = []
+
+    def counted(f, g):
+        used.append(1)
+        return graphs.both(f, g)
+    guided = CFGDenoiser(denoiser, cond, uncond, 4.0, side_by_side=counted, side_from=1)
+    with torch.inference_mode():
+        first, second = guided(x, torch.tensor(0.5)), guided(x, torch.tensor(0.5))
+    assert len(used) == 1  # the first call as one batch (a large model's packing), then side by side
+    assert torch.allclose(first, batched, atol=1e-6) and torch.allclose(second, batched, atol=1e-6)
 
 
 def test_pipeline_second_run_traced_same_image(tiny_model):

@@ -30,7 +30,7 @@ class CFGDenoiser:
     """D_cfg(x, sigma) = D(x, sigma, **uncond) + scale * (D(x, sigma, **cond) - D(x, sigma, **uncond))."""
 
     def __init__(self, denoiser, cond: dict, uncond: dict, scale: float, batch_together: bool = True,
-                 side_by_side=None):
+                 side_by_side=None, side_from: int = 0):
         if set(cond) != set(uncond):
             raise ValueError(f"cond and uncond need the same keys, got {sorted(cond)} and {sorted(uncond)}")
         self.denoiser = denoiser
@@ -41,6 +41,8 @@ class CFGDenoiser:
         # side_by_side(f, g) -> (f(), g()): runs the two passes at once (graphs.both), instead
         # of as one batch; the same outputs up to rounding
         self.side_by_side = side_by_side
+        self.side_from = side_from  # calls made as one batch first (see Pipeline.denoise)
+        self.calls = 0
         self._joint_cache: dict[int, dict | None] = {}  # batch size -> joint conditions
 
     def _joint(self, batch: int) -> dict | None:
@@ -73,7 +75,8 @@ class CFGDenoiser:
         if self.scale == 1.0:
             # uncond + 1 * (cond - uncond) = cond: skip the unconditional pass.
             return self.denoiser(x, sigma, **{k: _expand(v, batch) for k, v in self.cond.items()})
-        if self.side_by_side is not None:
+        self.calls += 1
+        if self.side_by_side is not None and self.calls > self.side_from:
             x0_uncond, x0_cond = self.side_by_side(
                 lambda: self.denoiser(x, sigma, **{k: _expand(v, batch) for k, v in self.uncond.items()}),
                 lambda: self.denoiser(x, sigma, **{k: _expand(v, batch) for k, v in self.cond.items()}))
