@@ -11,9 +11,10 @@ new trace. oneDNN's packed convs and linears cannot be recorded, so a trace runs
 F.linear there: the same products, rounded alike or within float32 rounding. Large models
 (Stable Diffusion's) spend their time in the arithmetic, and are never traced.
 
-Ops this small barely split over threads, so on 2 cores guidance's two passes go faster side
-by side, one thread each, than as one batch over both threads (`both`): that needs traces,
-as eager Python holds the GIL, or a model whose Python is a small share of each pass.
+Large models' guidance passes run side by side, one thread each (`both`), rather than as one
+batch over both threads. Small models' do not, though it was faster (0.82x with traces): at
+one thread a batch-1 pass rounds differently from a row of a batch-B pass (oneDNN blocks
+batch 1 otherwise), and image k of a batch must equal the single image of seed + k.
 
 torch.jit.trace is deprecated in favour of torch.compile, whose compile took 48 s on two
 cores and then ran a call in 13.2 ms against the trace's 12.6 (batch 2, 2 threads); a torch
@@ -32,6 +33,8 @@ import torch
 from torch import nn
 
 MAX_PARAMS = 50_000_000  # above this the Python around the ops is a small share of a call
+MAX_ROWS = 2  # traced calls of up to this batch (one image and its guidance pass): a batch of
+# 16 rows ran 1.12x slower traced than eager (2 threads), one of 2 rows 0.92x
 MAX_GRAPHS = 8  # traces kept per model (one per input shape: batch, prompt length, size)
 ENABLED = os.environ.get("MEZZOTINT_GRAPHS", "1") != "0" and hasattr(torch.jit, "trace")
 
@@ -51,10 +54,6 @@ if ENABLED:
         getattr(nn.modules.module, _register)(_bump)
 
 
-def tracing() -> bool:
-    return torch.jit.is_tracing()
-
-
 def allow(model: nn.Module, on: bool = True) -> None:
     """Let `model`'s calls run as traces from now on. A trace takes 0.6-0.8 s to make (per
     input shape), more than one image's steps save, so the pipeline allows them from its
@@ -62,32 +61,35 @@ def allow(model: nn.Module, on: bool = True) -> None:
     model.__dict__["_graphs_on"] = on
 
 
+_HOOKS = operator.attrgetter("_forward_hooks", "_forward_pre_hooks")
+
+
 def usable(model: nn.Module, x: torch.Tensor) -> bool:
     """A call of `model` on `x` may run as a trace: allowed, CPU inference without autograd,
     hooks or probes, of a model small enough for Python to matter."""
     if (not ENABLED or not model.__dict__.get("_graphs_on") or model.training or torch.is_grad_enabled()
-            or x.device.type != "cpu" or tracing()):
+            or x.device.type != "cpu" or x.shape[0] > MAX_ROWS or torch.jit.is_tracing()):
         return False
-    _, is_small, mods, probed = _info(model)
+    _, is_small, mods, _ = _info(model)
     if not is_small or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
         return False
-    if any(m.__dict__["probe"] is not None for m in probed):
-        return False
     # every module's hooks, looked at in C (a generator over 400 modules cost 40 us a call)
-    return not any(map(any, map(_HOOKS, mods)))
+    return not _probing(model) and not any(map(any, map(_HOOKS, mods)))
 
 
 def side_by_side(model: nn.Module, x: torch.Tensor) -> bool:
     """Guidance's two passes of `model` may run at once (`both`): CPU inference on 2+ threads,
-    no probes (they collect in call order), and either as traces or by a model large enough
-    that Python, which holds the GIL, is a small share of each pass (Stable Diffusion's UNet
-    at 256x256: 6 % faster a step, measured)."""
+    no probes (they collect in call order), of a model large enough that Python, which holds
+    the GIL, is a small share of each pass (Stable Diffusion's UNet at 256x256: 6 % faster a
+    step, measured); small models keep one batch (see the module's notes)."""
     if not ENABLED or torch.get_num_threads() < 2 or x.device.type != "cpu" or torch.is_grad_enabled():
         return False
-    if usable(model, x):
-        return True
-    _, is_small, _, probed = _info(model)
-    return not is_small and not model.training and not any(m.__dict__["probe"] is not None for m in probed)
+    return not small(model) and not model.training and not _probing(model)
+
+
+def _probing(model: nn.Module) -> bool:
+    """An attention module of `model` has a probe set (explain collects attention weights)."""
+    return any(m.__dict__["probe"] is not None for m in _info(model)[3])
 
 
 def _info(model: nn.Module) -> tuple:
@@ -122,7 +124,6 @@ def _sig(a):
     return None if a is None else (tuple(a.shape), a.dtype, a.device, a.stride())
 
 
-_HOOKS = operator.attrgetter("_forward_hooks", "_forward_pre_hooks")
 _lock = threading.Lock()  # the two guidance branches may ask for the same model's traces at once
 
 
@@ -174,11 +175,8 @@ def _pool(threads: int) -> ThreadPoolExecutor:
 def both(f, g):
     """(f(), g()), run side by side with half the intra-op threads each (inference only).
 
-    Guidance's two passes of a small model at batch B: two threads, each computing its own
-    pass alone, beat one pass at 2B over both threads (11.8 against 17.6 ms a step, measured
-    on 2 cores), since ops on tensors this small barely split over threads. It pays where the
-    passes run as traces (eager Python holds the GIL for a third of a small model's pass: 22.6
-    ms a step side by side) and for large models (SD 1.5: 3-6 % a step), see side_by_side."""
+    For guidance's two passes of a large model (SD 1.5: 3-6 % faster a step on 2 cores than
+    one batch over both threads), see side_by_side."""
     threads = torch.get_num_threads()
     inference = torch.is_inference_mode_enabled()
 
