@@ -168,3 +168,24 @@ def test_bad_config_raises():
         timesteps_for(dataclasses.replace(SchedulerConfig(), timestep_spacing="even"), 10)
     with pytest.raises(ValueError, match="beta_schedule"):
         make_betas(dataclasses.replace(SchedulerConfig(), beta_schedule="quadratic"))
+
+
+def test_zero_terminal_snr_matches_diffusers():
+    cfg = SchedulerConfig(prediction_type="v", rescale_betas_zero_snr=True)
+    ref = diffusers.DDPMScheduler(beta_start=cfg.beta_start, beta_end=cfg.beta_end, beta_schedule="scaled_linear",
+                                  rescale_betas_zero_snr=True)
+    betas, ac, plain = make_betas(cfg), alphas_cumprod(cfg), alphas_cumprod(dataclasses.replace(cfg, rescale_betas_zero_snr=False))
+    # diffusers rescales in float32 (2e-4 relative off in places); its function on our
+    # float64 betas agrees to rounding
+    from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr
+    base = make_betas(dataclasses.replace(cfg, rescale_betas_zero_snr=False))
+    torch.testing.assert_close(betas, rescale_zero_terminal_snr(base.clone()), rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(betas, ref.betas.double(), rtol=5e-4, atol=1e-8)
+    assert betas[-1] == 1 and ac[-1] == 2.0**-24  # diffusers' Euler and DPM-Solver clamp there too
+    torch.testing.assert_close(ac[:-1], ref.alphas_cumprod[:-1].double(), rtol=5e-4, atol=1e-9)
+    assert ac[0] == pytest.approx(plain[0].item(), rel=1e-12)  # the first step keeps its noise level
+    assert bool((ac[1:] < plain[1:]).all())  # every later one gets noisier
+    for steps in (1, 10, 20, 50):
+        ref_e = euler(cfg, rescale_betas_zero_snr=True, prediction_type="v_prediction")
+        ref_e.set_timesteps(steps)
+        torch.testing.assert_close(get_sigmas(cfg, steps), ref_e.sigmas.double(), rtol=3e-5, atol=0)

@@ -154,3 +154,17 @@ def test_inpainting_unet_and_old_clip_names(tmp_path):
     assert same_weights(text.model, load_sd(single)[2].model)
     with torch.no_grad():
         assert unet(torch.randn(1, 9, 8, 8), torch.tensor([10.0]), torch.randn(1, 77, 32)).shape == (1, 4, 8, 8)
+
+
+def test_zero_terminal_snr_scheduler_is_read_and_written(tmp_path):
+    folder, _ = saved("sd2")
+    src = tmp_path / "ztsnr"
+    shutil.copytree(folder, src)
+    path = src / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "rescale_betas_zero_snr": True}))
+    parts = load_sd(src)
+    assert parts[3].scheduler.rescale_betas_zero_snr and parts[3].scheduler.prediction_type == "v"
+    save_diffusers(tmp_path / "out", *parts)
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(tmp_path / "out", local_files_only=True)
+    assert pipe.scheduler.config["rescale_betas_zero_snr"] is True
+    assert load_sd(tmp_path / "out")[3].scheduler.rescale_betas_zero_snr

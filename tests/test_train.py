@@ -187,3 +187,20 @@ def test_loss_weight_min_snr_and_floor():
     torch.testing.assert_close(loss_weight(snr, 5, 1, True) * (snr + 1), torch.tensor([1.0, 1.0, 2.0, 5.0]))
     torch.testing.assert_close(loss_weight(snr, 5, 1, False) * snr, torch.tensor([1.0, 1.0, 2.0, 5.0]))
     torch.testing.assert_close(loss_weight(snr, 0, 1, False) * snr, torch.tensor([1.0, 1.0, 2.0, 50.0]))
+
+
+def test_zero_terminal_snr_schedule_is_trained_and_stored(tmp_path, tiny_vae, capsys):
+    assert main(unet_cmd(tmp_path / "eps", tiny_vae, 2, "--zero-terminal-snr")) == 2
+    assert "needs v-prediction" in capsys.readouterr().err
+    assert main(unet_cmd(tmp_path / "base", tiny_vae, 2, "--prediction", "v")) == 0
+    run = tmp_path / "z"
+    assert main(["train", "--run-dir", str(run), "--init", str(tmp_path / "base" / "model"), "--zero-terminal-snr",
+                 "--snr-floor", "1", "--steps", "2", "--ckpt-every", "2", *FAST]) == 0
+    _, _, cfg = load_model(run / "model")
+    assert cfg.scheduler.rescale_betas_zero_snr and cfg.scheduler.prediction_type == "v"
+    assert not load_model(tmp_path / "base" / "model")[2].scheduler.rescale_betas_zero_snr
+    from mezzotint.pipeline import Pipeline, defaults_for
+    pipe = Pipeline.load(run / "model")
+    req = defaults_for(cfg, "a red circle", seed=0, steps=3, width=32, height=32)
+    image = pipe(req, ["a red circle"])[0].image
+    assert image.size == (32, 32)

@@ -120,6 +120,9 @@ def add_training_args(p: argparse.ArgumentParser, unet: bool) -> None:
                        help="trainable self-attention blocks that refine the frozen text encoder's "
                             "tokens before cross-attention; with --init, adds them without changing "
                             "the output at step 0")
+        p.add_argument("--zero-terminal-snr", action="store_true",
+                       help="rescale the noise schedule to end at pure noise (Lin et al. 2024; v-prediction "
+                            "only), so the prompt, not leftover signal in the noise, decides the layout")
     p.add_argument("--stop-after", type=int, metavar="N",
                    help="train at most N more steps in this invocation, then checkpoint and exit")
     o = p.add_argument_group("optimisation")

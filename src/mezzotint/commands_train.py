@@ -66,7 +66,7 @@ def train(args) -> int:
     tc = _train_config(args)
     try:
         print(run(tc, args.preset, args.vae, args.init, args.prediction, args.stop_after,
-                  _levels(args.attention_levels), args.context_layers))
+                  _levels(args.attention_levels), args.context_layers, args.zero_terminal_snr))
     except ValueError as e:
         raise UsageError(str(e)) from None
     return 0

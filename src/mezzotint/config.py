@@ -78,6 +78,7 @@ class SchedulerConfig:
     prediction_type: str = "eps"  # what the UNet predicts: "eps" | "v"
     timestep_spacing: str = "trailing"  # "trailing" | "leading" | "linspace" (as diffusers)
     steps_offset: int = 0  # added to "leading" timesteps (SD 1.x used 1)
+    rescale_betas_zero_snr: bool = False  # zero terminal SNR (Lin et al. 2024); needs v-prediction
 
 
 @dataclass(frozen=True)

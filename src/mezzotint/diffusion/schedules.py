@@ -41,6 +41,23 @@ def _cosine_betas(T: int, max_beta: float = 0.999) -> Tensor:
 
 def make_betas(cfg: SchedulerConfig) -> Tensor:
     """beta_1..beta_T of the forward process, float64 (T,)."""
+    betas = _base_betas(cfg)
+    return _zero_terminal_snr(betas) if cfg.rescale_betas_zero_snr else betas
+
+
+def _zero_terminal_snr(betas: Tensor) -> Tensor:
+    # Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", alg. 1
+    # (diffusers `rescale_zero_terminal_snr`): shift and scale sqrt(ab) so that it keeps its
+    # first value and ends at exactly 0. The SD schedule ends at sqrt(ab) = 0.068: a model
+    # trained on it reads the layout off that leftover signal, and from pure noise takes it
+    # from the noise instead of from the prompt.
+    s = torch.cumprod(1 - betas, dim=0).sqrt()
+    s = (s - s[-1]) * s[0] / (s[0] - s[-1])
+    ab = s**2
+    return 1 - torch.cat([ab[:1], ab[1:] / ab[:-1]])
+
+
+def _base_betas(cfg: SchedulerConfig) -> Tensor:
     T = cfg.num_train_timesteps
     if cfg.beta_schedule == "linear":
         return torch.linspace(cfg.beta_start, cfg.beta_end, T, dtype=torch.float64)
@@ -53,8 +70,15 @@ def make_betas(cfg: SchedulerConfig) -> Tensor:
 
 
 def alphas_cumprod(cfg: SchedulerConfig) -> Tensor:
-    """alpha-bar_t = prod_{s<=t} (1 - beta_s), float64 (T,)."""
-    return torch.cumprod(1.0 - make_betas(cfg), dim=0)
+    """alpha-bar_t = prod_{s<=t} (1 - beta_s), float64 (T,).
+
+    A zero-terminal-SNR schedule ends at 2^-24, not 0 (as diffusers' Euler and DPM-Solver
+    do), so that sigma stays finite (4096) and samplers need no special first step; the
+    signal left there, 2.4e-4 of x0, is nothing a model can read."""
+    ac = torch.cumprod(1.0 - make_betas(cfg), dim=0)
+    if cfg.rescale_betas_zero_snr:
+        ac[-1] = 2.0**-24
+    return ac
 
 
 def sigma_table(cfg: SchedulerConfig) -> Tensor:

@@ -85,10 +85,8 @@ BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squared
 
 
 def scheduler_from_diffusers(c: dict, where, prediction=None) -> SchedulerConfig:
-    if c.get("trained_betas") is not None or c.get("rescale_betas_zero_snr") \
-            or c.get("beta_schedule", "linear") not in BETA_SCHEDULES:
-        raise ModelError(f"{where}: beta schedule {c.get('beta_schedule')!r} (trained_betas, "
-                         "rescale_betas_zero_snr) not supported")
+    if c.get("trained_betas") is not None or c.get("beta_schedule", "linear") not in BETA_SCHEDULES:
+        raise ModelError(f"{where}: beta schedule {c.get('beta_schedule')!r} (or trained_betas) not supported")
     pred = prediction or PREDICTIONS.get(c.get("prediction_type", "epsilon"))
     if pred is None:
         raise ModelError(f"{where}: prediction_type {c.get('prediction_type')!r} not supported (epsilon, v_prediction)")
@@ -96,7 +94,8 @@ def scheduler_from_diffusers(c: dict, where, prediction=None) -> SchedulerConfig
     return SchedulerConfig(num_train_timesteps=c.get("num_train_timesteps", 1000),
                            beta_schedule=BETA_SCHEDULES[c.get("beta_schedule", "linear")],
                            beta_start=c.get("beta_start", 0.0001), beta_end=c.get("beta_end", 0.02),
-                           prediction_type=pred, timestep_spacing=spacing, steps_offset=c.get("steps_offset", 0))
+                           prediction_type=pred, timestep_spacing=spacing, steps_offset=c.get("steps_offset", 0),
+                           rescale_betas_zero_snr=bool(c.get("rescale_betas_zero_snr", False)))
 
 
 def diffusers_configs(cfg: ModelConfig) -> dict[str, dict]:
@@ -141,5 +140,6 @@ def diffusers_configs(cfg: ModelConfig) -> dict[str, dict]:
         "beta_end": s.beta_end, "prediction_type": {"eps": "epsilon", "v": "v_prediction"}[s.prediction_type],
         "timestep_spacing": s.timestep_spacing, "steps_offset": s.steps_offset, "interpolation_type": "linear",
         "trained_betas": None, "clip_sample": False, "set_alpha_to_one": False, "skip_prk_steps": True,
+        "rescale_betas_zero_snr": s.rescale_betas_zero_snr,
     }
     return {"unet": unet, "vae": vae, "scheduler": sched}

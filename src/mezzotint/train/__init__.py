@@ -49,7 +49,8 @@ def train_vae(tc: TrainConfig, preset: str = "shapes", init: str | None = None,
 
 def train_unet(tc: TrainConfig, preset: str = "shapes", vae: str | None = None, init: str | None = None,
                prediction: str | None = None, stop_after: int | None = None,
-               attention_levels: tuple[int, ...] | None = None, context_layers: int | None = None) -> Path:
+               attention_levels: tuple[int, ...] | None = None, context_layers: int | None = None,
+               zero_snr: bool = False) -> Path:
 
     from .. import checkpoints
     from ..data import open_dataset
@@ -69,6 +70,8 @@ def train_unet(tc: TrainConfig, preset: str = "shapes", vae: str | None = None, 
         if context_layers is not None and context_layers != cfg.unet.context_layers:
             unet = grow_context(unet, context_layers)
             cfg = dataclasses.replace(cfg, unet=unet.cfg)
+        if zero_snr:
+            cfg = dataclasses.replace(cfg, scheduler=dataclasses.replace(cfg.scheduler, rescale_betas_zero_snr=True))
         unet.requires_grad_(True).train()
         base = Path(init)
     else:
@@ -84,6 +87,8 @@ def train_unet(tc: TrainConfig, preset: str = "shapes", vae: str | None = None, 
             if context_layers is not None:
                 c = dataclasses.replace(c, unet=dataclasses.replace(c.unet, context_layers=context_layers))
             sched = c.scheduler if prediction is None else dataclasses.replace(c.scheduler, prediction_type=prediction)
+            if zero_snr:
+                sched = dataclasses.replace(sched, rescale_betas_zero_snr=True)
             c_in = vae_model.cfg.latent_channels
             if (c.unet.in_channels, c.unet.out_channels) != (c_in, c_in):
                 raise ValueError(f"preset {preset!r} UNet takes {c.unet.in_channels} latent channels, "
@@ -91,6 +96,9 @@ def train_unet(tc: TrainConfig, preset: str = "shapes", vae: str | None = None, 
             return dataclasses.replace(c, vae=vae_model.cfg, scheduler=sched).to_dict()
         cfg = ModelConfig.from_dict(_stored_or(run, "model_config.json", make))
         unet, base = None, None
+    if cfg.scheduler.rescale_betas_zero_snr and cfg.scheduler.prediction_type != "v":
+        raise ValueError("a zero-terminal-SNR schedule needs v-prediction (--prediction v): at pure noise "
+                         "a noise prediction says nothing about the image")
     text = load_text_encoder(cfg.text, base, d.device, torch.float32)
     dataset = open_dataset(tc.data, tc.size, tc.seed)
     return train(UNetTask(cfg, tc, vae_model, text, d.device, unet), dataset, tc, d, stop_after=stop_after)
