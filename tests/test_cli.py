@@ -38,7 +38,7 @@ def test_a1111_parameters_read_by_sd_parsers(tiny_model, tmp_path):
     out = tmp_path / "img.png"
     assert main(["generate", PROMPT, "--model", str(tiny_model), "--steps", "3", "--seed", "9",
                  "--cfg", "6.5", "--sampler", "euler_a", "--negative-prompt", "blurry, text",
-                 "--output", str(out)]) == 0
+                 "--guidance-rescale", "0.7", "--output", str(out)]) == 0
     info = ParserManager().parse(str(out))
     assert info.generator.name == "AUTOMATIC1111"
     [sampler] = info.samplers
@@ -49,6 +49,7 @@ def test_a1111_parameters_read_by_sd_parsers(tiny_model, tmp_path):
     assert [p.value for p in sampler.negative_prompts] == ["blurry, text"]
     assert sampler.model.name == "tiny" and len(sampler.model.hash) == 10
     assert info.metadata["Size"] == "64x64"
+    assert info.metadata["CFG Rescale phi"] == "0.7"
 
 
 def test_same_inputs_give_byte_identical_pngs(tiny_model, tmp_path):
@@ -91,6 +92,7 @@ def test_samplers_lists_all(capsys):
     (["--height", "0"], "height must be a positive multiple of 4"),
     (["--steps", "0"], "steps must be an integer >= 1"),
     (["--batch", "0"], "--batch must be >= 1"),
+    (["--guidance-rescale", "1.5"], "guidance rescale must be in [0, 1], got 1.5"),
 ])
 def test_bad_arguments_fail_cleanly(tiny_model, tmp_path, capsys, args, message):
     out = tmp_path / "never"

@@ -250,3 +250,37 @@ def test_zero_terminal_snr(name, cls, vp, steps):
     sched = make_scheduler(getattr(diffusers, cls), cfg, rescale_betas_zero_snr=True, **kw)
     assert get_sigmas(cfg, steps)[0].item() == pytest.approx(4096, rel=1e-6)
     check(name, cfg, sched, steps, vp=vp, tol=1e-4)
+
+
+@pytest.mark.parametrize("pred", ["eps", "v"])
+@pytest.mark.parametrize("sigma", [0.05, 1.3, 14.6, 4096.0])
+def test_guidance_rescale_is_diffusers_rescale_noise_cfg(pred, sigma):
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    from mezzotint.diffusion.guidance import CFGDenoiser
+
+    class Cond(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.toy = ToyUNet()
+
+        def forward(self, x, t, c):
+            return self.toy(x, t) * (1 + c.view(-1, 1, 1, 1)) + c.view(-1, 1, 1, 1)
+
+    cfg = cfg_for(pred)
+    den = Denoiser(Cond(), cfg)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3)) * sigma
+    s = torch.full((SHAPE[0],), sigma)
+    c, u = torch.tensor([0.4, -0.3]), torch.tensor([0.0, 0.1])
+    # diffusers' way: combine and rescale the UNet's outputs, then step with them
+    x_in, t = x / math.sqrt(sigma**2 + 1), den.sigma_to_t(s)
+    out_u, out_c = den.model(x_in, t, u), den.model(x_in, t, c)
+    guided = rescale_noise_cfg(out_u + 5.0 * (out_c - out_u), out_c, guidance_rescale=0.7)
+    c_in = 1 / math.sqrt(sigma**2 + 1)
+    want = x - sigma * guided if pred == "eps" else x * c_in**2 - sigma * c_in * guided
+    got = CFGDenoiser(den, {"c": c}, {"c": u}, 5.0, rescale=0.7)(x, s)
+    assert rel_err(got, want) < 1e-5
+    plain = CFGDenoiser(den, {"c": c}, {"c": u}, 5.0)(x, s)
+    assert rel_err(plain, want) > 1e-3
+    with pytest.raises(ValueError, match="rescale"):
+        CFGDenoiser(den, {"c": c}, {"c": u}, 5.0, rescale=1.5)

@@ -118,3 +118,31 @@ def test_pipeline_matches(case, sampler):
         image = (ref.vae.decode(latent / 0.18215).sample / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).numpy()
     mean_err = np.abs(np.asarray(res.image, dtype=np.float64) / 255 - image).mean()
     assert mean_err < 1 / 255, mean_err
+
+
+def test_pipeline_matches_with_guidance_rescale_and_zero_terminal_snr(case):
+    # diffusers' guidance_rescale (on eps or v, as the UNet predicts); the v-model also with
+    # the zero-terminal-SNR schedule and trailing spacing, as Lin et al. prescribe (the
+    # eps-model keeps SD's own leading spacing, as test_pipeline_matches)
+    variant, ref, (unet, vae, text, cfg), _, _ = case
+    steps, seed, prompt, phi = 8, 7, "a photo of a cat", 0.7
+    saved_sched = ref.scheduler
+    zero = {}
+    if cfg.scheduler.prediction_type == "v":
+        zero = dict(timestep_spacing="trailing", steps_offset=0, rescale_betas_zero_snr=True)
+        cfg = replace(cfg, scheduler=replace(cfg.scheduler, **zero))
+    ref.scheduler = diffusers.EulerDiscreteScheduler.from_config(saved_sched.config, **zero)
+    try:
+        pipe = Pipeline(unet, vae, text, cfg, "cpu", torch.float32)
+        req = Request(prompt=prompt, seed=seed, steps=steps, sampler="euler", cfg=7.5, width=16, height=16,
+                      guidance_rescale=phi)
+        [res] = pipe(req)
+        [plain] = pipe(replace(req, guidance_rescale=0.0))
+        noise = randn((1, 4, 8, 8), generators(seed, 1))
+        latent = ref(prompt, negative_prompt="", num_inference_steps=steps, guidance_scale=7.5, height=16, width=16,
+                     latents=noise, output_type="latent", guidance_rescale=phi).images
+    finally:
+        ref.scheduler = saved_sched
+    scale = latent.abs().max()
+    assert (res.latent - latent[0]).abs().max() / scale < 1e-3
+    assert (plain.latent - latent[0]).abs().max() / scale > 1e-2  # the rescale did something

@@ -59,6 +59,9 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--karras", action="store_true", default=None, help="use Karras sigma spacing")
     g.add_argument("--eta", type=finite_float, default=0.0, metavar="F", help="ddim noise, 0..1 (default 0)")
     g.add_argument("--cfg", type=finite_float, metavar="SCALE", help="guidance scale (model default); 1 = no guidance")
+    g.add_argument("--guidance-rescale", type=finite_float, metavar="PHI",
+                   help="rescale guided predictions toward the conditional one's spread, 0..1 (Lin et al. "
+                        "2024; 0.7 suits zero-terminal-SNR models; model default)")
     g.add_argument("--width", type=int, metavar="PX", help="pixels, a multiple of the autoencoder factor")
     g.add_argument("--height", type=int, metavar="PX", help="pixels, a multiple of the autoencoder factor")
     r = p.add_argument_group("model and device")

@@ -82,7 +82,7 @@ def eval(args) -> int:  # noqa: A001 (the command's name)
     model_path, cfg = _model_config(args.model)
     req = defaults_for(cfg, "", negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps,
                        sampler=args.sampler, cfg=args.cfg, width=args.width, height=args.height,
-                       karras=args.karras, eta=args.eta)
+                       karras=args.karras, eta=args.eta, guidance_rescale=args.guidance_rescale)
     try:
         check_request(req, cfg)
         resolve_dtype(args.dtype, resolve_device(args.device))

@@ -87,6 +87,7 @@ class SampleDefaults:
     steps: int = 20  # default number of steps
     cfg: float = 5.0  # default guidance scale
     karras: bool = False  # Karras sigmas by default
+    guidance_rescale: float = 0.0  # guidance rescale phi by default (Lin et al. 2024), 0 = off
     width: int = 64  # default image width in pixels
     height: int = 64  # default image height in pixels
 

@@ -33,6 +33,8 @@ def a1111_parameters(record: dict) -> str:
               "Schedule type": "Karras" if r["karras"] else "Automatic", "CFG scale": r["cfg"],
               "Seed": r["seed"], "Size": f"{r['width']}x{r['height']}",
               "Model hash": record["model"]["sha256"][:10], "Model": record["model"]["name"]}
+    if r.get("guidance_rescale"):
+        fields["CFG Rescale phi"] = r["guidance_rescale"]  # as the sd-webui CFG rescale extension
     if r["sampler"] == "ddim" and r["eta"]:
         fields["Eta DDIM"] = r["eta"]
     edit = record.get("edit")

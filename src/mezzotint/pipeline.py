@@ -36,6 +36,7 @@ class Request:
     height: int = 64
     karras: bool = False  # Karras et al. (2022) sigma spacing instead of the model's own
     eta: float = 0.0  # ddim only: 0 deterministic, 1 ancestral
+    guidance_rescale: float = 0.0  # phi of Lin et al. 2024 (diffusers' guidance_rescale), 0 = off
 
     def for_image(self, k: int) -> "Request":
         return replace(self, seed=self.seed + k)
@@ -44,7 +45,8 @@ class Request:
 def defaults_for(model: ModelConfig, prompt: str, **overrides) -> Request:
     """A request with the model's defaults where `overrides` gives None."""
     d = model.defaults
-    base = dict(sampler=d.sampler, steps=d.steps, cfg=d.cfg, karras=d.karras, width=d.width, height=d.height)
+    base = dict(sampler=d.sampler, steps=d.steps, cfg=d.cfg, karras=d.karras, width=d.width, height=d.height,
+                guidance_rescale=d.guidance_rescale)
     base.update({k: v for k, v in overrides.items() if v is not None})
     return Request(prompt=prompt, **base)
 
@@ -68,6 +70,8 @@ def check_request(req: Request, cfg: ModelConfig) -> None:
         raise ValueError(f"seed must be in [0, {MAX_SEED}], got {req.seed}")
     if not (math.isfinite(req.eta) and req.eta >= 0):
         raise ValueError(f"eta must be a finite number >= 0, got {req.eta}")
+    if not (math.isfinite(req.guidance_rescale) and 0 <= req.guidance_rescale <= 1):
+        raise ValueError(f"guidance rescale must be in [0, 1], got {req.guidance_rescale}")
 
 
 CONTEXT_BUCKET = 8  # prompt lengths are padded (masked) to a multiple of this
@@ -256,7 +260,7 @@ class Pipeline:
         # a model's first call packs its convs and reads its weights in: two passes doing that
         # at once took 43 s for SD 1.5's first 512x512 step, against 14 s as one batch
         guided = CFGDenoiser(self.denoiser, cond, uncond, req.cfg, side_by_side=side,
-                             side_from=0 if self.warm else 1)
+                             side_from=0 if self.warm else 1, rescale=req.guidance_rescale)
         if keep is not None:
             m, known = keep
 

@@ -69,6 +69,15 @@ class Denoiser(nn.Module):
         p = next(self.model.parameters(), None) if isinstance(self.model, nn.Module) else None
         return p.dtype if p is not None else None
 
+    def anchor(self, x: Tensor, sigma: Tensor) -> Tensor:
+        """a(x) with the UNet's output = k * (a(x) - x0), k > 0 per row: eps = (x - x0) / sigma,
+        v = (x / (sigma^2 + 1) - x0) * sqrt(sigma^2 + 1) / sigma (see forward)."""
+        x = x.float()
+        if self.cfg.prediction_type == "eps":
+            return x
+        s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, *([1] * (x.ndim - 1)))
+        return x / (s**2 + 1)
+
     def forward(self, x: Tensor, sigma: Tensor | float, **cond) -> Tensor:
         x = x.float()
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)

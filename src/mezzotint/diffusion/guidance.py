@@ -3,6 +3,12 @@
 Ho & Salimans 2022, eq. 6: eps~ = eps(x, c_empty) + w (eps(x, c) - eps(x, c_empty)).
 For a fixed (x, sigma), x0 = x - sigma * eps is affine in eps with the same coefficients
 for both passes, so the same combination on x0 predictions is exactly the same guidance.
+
+Guidance rescale (Lin et al. 2024, sec. 3.4, eq. 15-16; diffusers `guidance_rescale`):
+the guided prediction is rescaled per image to the conditional one's standard deviation
+and blended with it by phi. It is defined on what the UNet predicts (eps or v), which is
+not an affine image of x0 with a shared offset, so it is computed there: the UNet's output
+is k * (a(x) - x0) per row (Denoiser.anchor gives a), and k cancels in the ratio.
 """
 from __future__ import annotations
 
@@ -30,13 +36,16 @@ class CFGDenoiser:
     """D_cfg(x, sigma) = D(x, sigma, **uncond) + scale * (D(x, sigma, **cond) - D(x, sigma, **uncond))."""
 
     def __init__(self, denoiser, cond: dict, uncond: dict, scale: float, batch_together: bool = True,
-                 side_by_side=None, side_from: int = 0):
+                 side_by_side=None, side_from: int = 0, rescale: float = 0.0):
         if set(cond) != set(uncond):
             raise ValueError(f"cond and uncond need the same keys, got {sorted(cond)} and {sorted(uncond)}")
         self.denoiser = denoiser
         self.cond = dict(cond)
         self.uncond = dict(uncond)
         self.scale = float(scale)
+        self.rescale = float(rescale)  # guidance rescale phi, 0 (off) .. 1
+        if not 0.0 <= self.rescale <= 1.0:
+            raise ValueError(f"guidance rescale must be in [0, 1], got {rescale}")
         self.batch_together = batch_together
         # side_by_side(f, g) -> (f(), g()): runs the two passes at once (graphs.both), instead
         # of as one batch; the same outputs up to rounding
@@ -80,7 +89,7 @@ class CFGDenoiser:
             x0_uncond, x0_cond = self.side_by_side(
                 lambda: self.denoiser(x, sigma, **{k: _expand(v, batch) for k, v in self.uncond.items()}),
                 lambda: self.denoiser(x, sigma, **{k: _expand(v, batch) for k, v in self.cond.items()}))
-            return x0_uncond + self.scale * (x0_cond - x0_uncond)
+            return self._combine(x, sigma, x0_uncond, x0_cond)
         joint = None
         if self.batch_together:
             # cond and uncond are fixed for the whole sampling run: pad and concatenate once
@@ -93,4 +102,14 @@ class CFGDenoiser:
         else:
             x0_uncond = self.denoiser(x, sigma, **{k: _expand(v, batch) for k, v in self.uncond.items()})
             x0_cond = self.denoiser(x, sigma, **{k: _expand(v, batch) for k, v in self.cond.items()})
-        return x0_uncond + self.scale * (x0_cond - x0_uncond)
+        return self._combine(x, sigma, x0_uncond, x0_cond)
+
+    def _combine(self, x: Tensor, sigma: Tensor, x0_uncond: Tensor, x0_cond: Tensor) -> Tensor:
+        out = x0_uncond + self.scale * (x0_cond - x0_uncond)
+        if not self.rescale:
+            return out
+        a = self.denoiser.anchor(x, sigma)
+        r, r_cond = a - out, a - x0_cond  # the UNet's outputs, up to a positive factor per row
+        dims = tuple(range(1, x.ndim))
+        ratio = r_cond.std(dim=dims, keepdim=True) / r.std(dim=dims, keepdim=True)
+        return a - (self.rescale * ratio + (1 - self.rescale)) * r

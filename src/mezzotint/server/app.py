@@ -45,6 +45,8 @@ class JobRequest(BaseModel):
     height: int | None = Field(None, ge=1, description="see width")
     karras: bool | None = Field(None, description="Karras sigma spacing (model default)")
     eta: float = Field(0.0, ge=0, allow_inf_nan=False, description="ddim noise, 0..1")
+    guidance_rescale: float | None = Field(None, ge=0, le=1, allow_inf_nan=False,
+                                           description="guidance rescale phi, 0..1 (model default)")
     batch: int = Field(1, ge=1, description="images, in one forward pass")
     strength: float | None = Field(None, ge=0, le=1, description="edits: how much to change, 0..1 "
                                    "(default 0.75 img2img, 1 inpaint)")
@@ -195,6 +197,7 @@ def create_app(models, limits: Limits | None = None, token: str | None = None,
         spec = build_spec(models.pipe.config, limits, kind=body.kind, prompt=body.prompt,
                           negative_prompt=body.negative_prompt, seed=body.seed, steps=body.steps,
                           sampler=body.sampler, cfg_scale=body.cfg, width=body.width, height=body.height,
+                          guidance_rescale=body.guidance_rescale,
                           karras=body.karras, eta=body.eta, batch=body.batch, image=body.image,
                           mask=body.mask, strength=body.strength, mask_blur=body.mask_blur)
         job = queue.submit(spec)
