@@ -71,3 +71,27 @@ def test_train_init_with_more_attention_levels(tmp_path, capsys):
     fresh = ["train", "--run-dir", str(tmp_path / "fresh"), "--preset", "tiny", "--vae", str(vae), "--steps", "2"]
     assert main(fresh + ["--attention-levels", "0,5"] + FAST) == 2
     assert "out of range" in capsys.readouterr().err and not (tmp_path / "fresh" / "model").exists()
+
+
+def test_grown_positions_compute_the_same_function_then_learn_where_tokens_are(tmp_path):
+    from mezzotint.train import grow_positions
+    from mezzotint.unet import grid_features
+    unet = trained_like_unet()
+    grown = grow_positions(unet, 3).eval()
+    assert grown.cfg.positions == 3 and grown.mid_block.attentions[0].pos_proj.weight.shape[1] == 12
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 700.0]), torch.randn(2, 5, 384)
+    with torch.no_grad():
+        torch.testing.assert_close(grown(x, t, ctx), unet(x, t, ctx), rtol=0, atol=1e-6)
+    grown.train()(x, t, ctx).square().mean().backward()
+    assert grown.mid_block.attentions[0].pos_proj.weight.grad.abs().sum() > 0
+    # the features: unit-interval coordinates, k = 1 monotone left to right and top to bottom
+    f = grid_features(4, 6, 2, "cpu", torch.float32).reshape(4, 6, 8)
+    assert bool((f[0, 1:, 2] < f[0, :-1, 2]).all()) and bool((f[1:, 0, 6] < f[:-1, 0, 6]).all())
+    torch.testing.assert_close(f[:, :, :4], f[:1, :, :4].expand(4, 6, 4))  # x features ignore the row
+    with pytest.raises(ValueError, match="already has 3"):
+        grow_positions(grown, 4)
+    # a model with positions has no diffusers form
+    from mezzotint.checkpoints import ModelError
+    from mezzotint.sd.dconfig import diffusers_configs
+    with pytest.raises(ModelError, match="positions"):
+        diffusers_configs(PRESETS["tiny"].__class__(unet=grown.cfg))

@@ -204,3 +204,17 @@ def test_zero_terminal_snr_schedule_is_trained_and_stored(tmp_path, tiny_vae, ca
     req = defaults_for(cfg, "a red circle", seed=0, steps=3, width=32, height=32)
     image = pipe(req, ["a red circle"])[0].image
     assert image.size == (32, 32)
+
+
+def test_high_noise_share_of_timesteps():
+    from mezzotint.train.tasks import draw_timestep
+
+    def draws(share, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        return torch.cat([draw_timestep(g, 1000, share) for _ in range(4000)])
+    plain, high = draws(0.0), draws(0.5)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(plain, torch.cat([torch.randint(0, 1000, (1,), generator=g) for _ in range(4000)]))
+    assert abs((plain >= 900).float().mean().item() - 0.1) < 0.02
+    assert abs((high >= 900).float().mean().item() - 0.55) < 0.03  # 0.5 + 0.5 * 0.1
+    assert bool((draws(1.0) >= 900).all()) and torch.equal(high, draws(0.5))

@@ -34,6 +34,8 @@ def _train_config(args):
         raise UsageError("--steps, --batch and --accum must be >= 1")
     if tc.snr_gamma < 0 or tc.snr_floor < 0:
         raise UsageError("--snr-gamma and --snr-floor must be >= 0")
+    if not 0 <= tc.high_noise <= 1:
+        raise UsageError(f"--high-noise is a share in [0, 1], got {tc.high_noise}")
     if tc.precision not in ("fp32", "bf16", "fp16"):
         raise UsageError(f"unknown precision {tc.precision!r}; allowed: fp32, bf16, fp16")
     from .config import PRESETS
@@ -66,7 +68,8 @@ def train(args) -> int:
     tc = _train_config(args)
     try:
         print(run(tc, args.preset, args.vae, args.init, args.prediction, args.stop_after,
-                  _levels(args.attention_levels), args.context_layers, args.zero_terminal_snr))
+                  _levels(args.attention_levels), args.context_layers, args.zero_terminal_snr,
+                  args.positions))
     except ValueError as e:
         raise UsageError(str(e)) from None
     return 0

@@ -38,6 +38,7 @@ class UNetConfig:
     context_dim: int = 384  # width of the text embeddings fed to cross-attention
     transformer_depth: int = 1  # transformer blocks per attention site
     context_layers: int = 0  # self-attention blocks that refine the (frozen) text embeddings first
+    positions: int = 0  # if > 0, sinusoidal 2-D positions (this many frequencies an axis) enter every transformer
     groups: int = 32  # GroupNorm groups
     dropout: float = 0.0  # dropout inside ResBlocks (training only)
 
@@ -152,6 +153,7 @@ class TrainConfig:
     caption_dropout: float = 0.1  # share of captions replaced by "" (classifier-free guidance)
     snr_gamma: float = 5.0  # min-SNR loss weighting (Hang et al. 2023); 0 = plain MSE
     snr_floor: float = 0.0  # x0-error weight at least this (truncated SNR, Salimans & Ho 2022); 0 = off
+    high_noise: float = 0.0  # share of items whose timestep is drawn from the noisiest tenth instead
     kl_weight: float = 1e-6  # VAE only: weight of the KL term
     edge_weight: float = 1.0  # VAE only: weight of the L1 loss on pixel differences (sharp edges)
     ckpt_every: int = 500  # steps between checkpoints

@@ -75,14 +75,30 @@ class ContextBlock(nn.Module):
         return x + self.ff(self.norm2(x))
 
 
+def grid_features(H: int, W: int, n: int, device, dtype) -> torch.Tensor:
+    """(H*W, 4n) sin and cos of pi*k*u for k = 1..n, u the cell centre's place in [0, 1] along
+    each axis. The attention is blind to where a token is; a word like "left" needs it. In
+    [0, 1] coordinates, so any image size sees the same left and right; k = 1 is monotone."""
+    k = torch.arange(1, n + 1, device=device, dtype=torch.float32) * torch.pi
+    ys = (torch.arange(H, device=device, dtype=torch.float32) + 0.5) / H
+    xs = (torch.arange(W, device=device, dtype=torch.float32) + 0.5) / W
+    fy, fx = ys[:, None] * k, xs[:, None] * k  # (H, n), (W, n)
+    fy = torch.cat([fy.sin(), fy.cos()], 1)[:, None].expand(H, W, 2 * n)
+    fx = torch.cat([fx.sin(), fx.cos()], 1)[None].expand(H, W, 2 * n)
+    return torch.cat([fx, fy], 2).reshape(H * W, 4 * n).to(dtype)
+
+
 class SpatialTransformer(nn.Module):
     """Flattens a feature map to tokens, runs transformer blocks, and adds it back."""
 
     def __init__(self, ch: int, heads: int, head_dim: int, context_dim: int, depth: int,
-                 groups: int, linear: bool):
+                 groups: int, linear: bool, positions: int = 0):
         super().__init__()
         inner = heads * head_dim
         self.linear = linear
+        self.positions = positions
+        if positions:
+            self.pos_proj = Linear(4 * positions, inner)
         self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
         self.proj_in = Linear(ch, inner) if linear else Conv2d(ch, inner, 1)
         self.transformer_blocks = nn.ModuleList(
@@ -97,6 +113,8 @@ class SpatialTransformer(nn.Module):
         h = h.permute(0, 2, 3, 1).reshape(B, H * W, -1)  # (B, HW, inner)
         if self.linear:
             h = self.proj_in(h)
+        if self.positions:
+            h = h + self.pos_proj(grid_features(H, W, self.positions, h.device, h.dtype))
         for block in self.transformer_blocks:
             h = block(h, context, mask)
         if self.linear:
@@ -141,7 +159,7 @@ class UNet(nn.Module):
         def transformer(ch):
             heads = cfg.num_heads or ch // cfg.head_dim
             return SpatialTransformer(ch, heads, ch // heads, cfg.context_dim, cfg.transformer_depth,
-                                      cfg.groups, cfg.linear_proj)
+                                      cfg.groups, cfg.linear_proj, cfg.positions)
 
         def res(cin, cout):
             return ResBlock(cin, cout, cfg.groups, temb=temb, dropout=cfg.dropout)

@@ -103,6 +103,9 @@ def diffusers_configs(cfg: ModelConfig) -> dict[str, dict]:
     u, v, s = cfg.unet, cfg.vae, cfg.scheduler
     widths = [u.channels * m for m in u.channel_mult]
     L = len(widths)
+    if u.positions:
+        raise ModelError("this UNet gives its transformers 2-D positions, which diffusers' "
+                         "UNet2DConditionModel has no place for")
     if u.context_layers:
         raise ModelError(f"this UNet refines the text tokens ({u.context_layers} context blocks), "
                          "which diffusers' UNet2DConditionModel has no place for")

@@ -50,7 +50,7 @@ def train_vae(tc: TrainConfig, preset: str = "shapes", init: str | None = None,
 def train_unet(tc: TrainConfig, preset: str = "shapes", vae: str | None = None, init: str | None = None,
                prediction: str | None = None, stop_after: int | None = None,
                attention_levels: tuple[int, ...] | None = None, context_layers: int | None = None,
-               zero_snr: bool = False) -> Path:
+               zero_snr: bool = False, positions: int | None = None) -> Path:
 
     from .. import checkpoints
     from ..data import open_dataset
@@ -60,6 +60,8 @@ def train_unet(tc: TrainConfig, preset: str = "shapes", vae: str | None = None, 
     d = Dist.from_env()
     torch.manual_seed(tc.seed)  # the initial weights
     run = Path(tc.run)
+    if positions is not None and positions < 0:
+        raise ValueError(f"--positions must be >= 0, got {positions}")
     if context_layers is not None and context_layers < 0:
         raise ValueError(f"--context-layers must be >= 0, got {context_layers}")
     if init:
@@ -69,6 +71,9 @@ def train_unet(tc: TrainConfig, preset: str = "shapes", vae: str | None = None, 
             cfg = dataclasses.replace(cfg, unet=unet.cfg)
         if context_layers is not None and context_layers != cfg.unet.context_layers:
             unet = grow_context(unet, context_layers)
+            cfg = dataclasses.replace(cfg, unet=unet.cfg)
+        if positions is not None and positions != cfg.unet.positions:
+            unet = grow_positions(unet, positions)
             cfg = dataclasses.replace(cfg, unet=unet.cfg)
         if zero_snr:
             cfg = dataclasses.replace(cfg, scheduler=dataclasses.replace(cfg.scheduler, rescale_betas_zero_snr=True))
@@ -86,6 +91,8 @@ def train_unet(tc: TrainConfig, preset: str = "shapes", vae: str | None = None, 
                 c = dataclasses.replace(c, unet=dataclasses.replace(c.unet, attention_levels=tuple(attention_levels)))
             if context_layers is not None:
                 c = dataclasses.replace(c, unet=dataclasses.replace(c.unet, context_layers=context_layers))
+            if positions is not None:
+                c = dataclasses.replace(c, unet=dataclasses.replace(c.unet, positions=positions))
             sched = c.scheduler if prediction is None else dataclasses.replace(c.scheduler, prediction_type=prediction)
             if zero_snr:
                 sched = dataclasses.replace(sched, rescale_betas_zero_snr=True)
@@ -143,6 +150,22 @@ def grow_context(unet, layers: int):
             for out in (block.attn.to_out[0], block.ff.net[2]):
                 out.weight.zero_()
                 out.bias.zero_()
+    return grown.to(next(unet.parameters()).dtype)
+
+
+def grow_positions(unet, n: int):
+    """The same UNet with 2-D positions (n frequencies an axis) fed to every transformer,
+    computing the same function at first: each projection of them starts at zero."""
+    have = unet.cfg.positions
+    if have and n != have:
+        raise ValueError(f"--positions: the model already has {have} frequencies an axis")
+    if n == have:
+        return unet
+    grown, new = _grown(unet, dataclasses.replace(unet.cfg, positions=n), r"(.*?\.attentions\.\d+\.pos_proj)\.")
+    with torch.no_grad():
+        for name in new:
+            grown.get_submodule(name).weight.zero_()
+            grown.get_submodule(name).bias.zero_()
     return grown.to(next(unet.parameters()).dtype)
 
 

@@ -103,6 +103,16 @@ def loss_weight(snr: torch.Tensor, gamma: float, floor: float, v: bool) -> torch
     return w / (snr + 1 if v else snr)
 
 
+def draw_timestep(g: torch.Generator, T: int, high_noise: float = 0.0) -> torch.Tensor:
+    """One item's training timestep (1,): uniform, or with probability `high_noise` from the
+    noisiest tenth, where the prompt alone must decide the layout (a second draw, made only
+    when asked for, so runs without it keep their noise)."""
+    t = torch.randint(0, T, (1,), generator=g)
+    if high_noise and torch.rand(1, generator=g).item() < high_noise:
+        t = torch.randint(T - T // 10, T, (1,), generator=g)
+    return t
+
+
 class UNetTask(Task):
     """Noise prediction (Ho et al. 2020) or v-prediction (Salimans & Ho 2022) on VAE latents,
     with min-SNR-gamma weighting (Hang et al. 2023) and caption dropout for guidance."""
@@ -150,7 +160,7 @@ class UNetTask(Task):
                 ctx, mask = self.text.encode_batch(captions)
         B = x0.shape[0]
         gens = item_generators(self.tc.seed, indices)
-        t = torch.cat([torch.randint(0, len(self.ac), (1,), generator=g) for g in gens]).to(x0.device)
+        t = torch.cat([draw_timestep(g, len(self.ac), self.tc.high_noise) for g in gens]).to(x0.device)
         noise = randn(x0.shape, gens, x0.device)
         a = self.ac[t].view(B, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise  # q(x_t | x_0)
