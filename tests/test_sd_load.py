@@ -126,12 +126,14 @@ def test_pipeline_matches_with_guidance_rescale_and_zero_terminal_snr(case):
     # eps-model keeps SD's own leading spacing, as test_pipeline_matches)
     variant, ref, (unet, vae, text, cfg), _, _ = case
     steps, seed, prompt, phi = 8, 7, "a photo of a cat", 0.7
-    saved_sched = ref.scheduler
-    zero = {}
+    saved_sched = ref.scheduler  # other tests swap it too: spell out what this one needs
     if cfg.scheduler.prediction_type == "v":
-        zero = dict(timestep_spacing="trailing", steps_offset=0, rescale_betas_zero_snr=True)
-        cfg = replace(cfg, scheduler=replace(cfg.scheduler, **zero))
-    ref.scheduler = diffusers.EulerDiscreteScheduler.from_config(saved_sched.config, **zero)
+        cfg = replace(cfg, scheduler=replace(cfg.scheduler, timestep_spacing="trailing", steps_offset=0,
+                                             rescale_betas_zero_snr=True))
+    s = cfg.scheduler
+    ref.scheduler = diffusers.EulerDiscreteScheduler.from_config(
+        saved_sched.config, timestep_spacing=s.timestep_spacing, steps_offset=s.steps_offset,
+        rescale_betas_zero_snr=s.rescale_betas_zero_snr)
     try:
         pipe = Pipeline(unet, vae, text, cfg, "cpu", torch.float32)
         req = Request(prompt=prompt, seed=seed, steps=steps, sampler="euler", cfg=7.5, width=16, height=16,
