@@ -50,20 +50,24 @@ def settings(page, prompt, size=32, steps=3, seed=None):
 def test_generate_shows_the_image_with_its_parameters_and_reuses_them(page):
     options = page.eval_on_selector_all("#sampler option", "os => os.map(o => o.value)")
     assert {"dpmpp_2m", "euler_a", "euler"} <= set(options)  # the list comes from the server
+    assert page.input_value("#guidance_rescale") == "0"  # the model's default
     settings(page, "a red circle", seed=7)
     page.select_option("#sampler", "euler")
+    page.fill("#guidance_rescale", "0.7")
     page.click("#generate")
     card = page.locator(".card").first
     card.wait_for()
     page.wait_for_function("document.querySelector('.card img').naturalWidth === 32")
     params = card.locator(".params").inner_text()
     assert "a red circle" in params and "Seed: 7" in params and "Sampler: Euler," in params
+    assert "CFG Rescale phi: 0.7" in params
     assert page.inner_text("#status") == "done"
     page.fill("#prompt", "something else")
     page.fill("#seed", "-1")
+    page.fill("#guidance_rescale", "0")
     card.get_by_text("reuse these settings").click()
     assert page.input_value("#prompt") == "a red circle" and page.input_value("#seed") == "7"
-    assert page.input_value("#sampler") == "euler"
+    assert page.input_value("#sampler") == "euler" and page.input_value("#guidance_rescale") == "0.7"
     assert not page.errors
 
 

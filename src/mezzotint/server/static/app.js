@@ -39,6 +39,7 @@ async function loadInfo() {
   $("sampler").replaceChildren(...info.samplers.map((s) => new Option(`${s.a1111} (${s.name})`, s.name)));
   const d = info.defaults;
   $("sampler").value = d.sampler; $("steps").value = d.steps; $("cfg").value = d.cfg;
+  $("guidance_rescale").value = d.guidance_rescale;
   $("width").value = d.width; $("height").value = d.height;
 }
 
@@ -110,6 +111,7 @@ function request(kind) {
   const body = {
     kind, prompt: $("prompt").value, negative_prompt: $("negative_prompt").value,
     sampler: $("sampler").value, steps: num("steps"), cfg: num("cfg"), seed: num("seed"),
+    guidance_rescale: num("guidance_rescale"),
     width: num("width"), height: num("height"), batch: kind === "explain" ? 1 : num("batch"),
   };
   if (kind === "img2img" || kind === "inpaint") {
@@ -197,6 +199,7 @@ async function addResults(job) {
 function reuseSettings(r, seed) {
   $("prompt").value = r.prompt; $("negative_prompt").value = r.negative_prompt;
   $("sampler").value = r.sampler; $("steps").value = r.steps; $("cfg").value = r.cfg;
+  $("guidance_rescale").value = r.guidance_rescale ?? 0;
   $("seed").value = seed; $("width").value = r.width; $("height").value = r.height; $("batch").value = 1;
 }
 
