@@ -198,6 +198,12 @@ def test_zero_terminal_snr_schedule_is_trained_and_stored(tmp_path, tiny_vae, ca
                  "--snr-floor", "1", "--steps", "2", "--ckpt-every", "2", *FAST]) == 0
     _, _, cfg = load_model(run / "model")
     assert cfg.scheduler.rescale_betas_zero_snr and cfg.scheduler.prediction_type == "v"
+    # a rerun without the option would go on with another schedule: refused, nothing written
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert main(["train", "--run-dir", str(run), "--init", str(tmp_path / "base" / "model"), "--snr-floor", "1",
+                 "--steps", "4", "--ckpt-every", "2", *FAST]) == 2
+    assert "was started with another scheduler config" in capsys.readouterr().err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
     assert not load_model(tmp_path / "base" / "model")[2].scheduler.rescale_betas_zero_snr
     from mezzotint.pipeline import Pipeline, defaults_for
     pipe = Pipeline.load(run / "model")

@@ -103,12 +103,30 @@ def train_unet(tc: TrainConfig, preset: str = "shapes", vae: str | None = None, 
             return dataclasses.replace(c, vae=vae_model.cfg, scheduler=sched).to_dict()
         cfg = ModelConfig.from_dict(_stored_or(run, "model_config.json", make))
         unet, base = None, None
+    _check_resume(run, cfg)
     if cfg.scheduler.rescale_betas_zero_snr and cfg.scheduler.prediction_type != "v":
         raise ValueError("a zero-terminal-SNR schedule needs v-prediction (--prediction v): at pure noise "
                          "a noise prediction says nothing about the image")
     text = load_text_encoder(cfg.text, base, d.device, torch.float32)
     dataset = open_dataset(tc.data, tc.size, tc.seed)
     return train(UNetTask(cfg, tc, vae_model, text, d.device, unet), dataset, tc, d, stop_after=stop_after)
+
+
+def _check_resume(run: Path, cfg: ModelConfig) -> None:
+    """A rerun must train the model it started: an --init run's architecture and schedule come
+    from its options, and a rerun without, say, --zero-terminal-snr would go on silently with
+    another noise schedule."""
+    from .. import checkpoints
+    from .state import latest
+    last = latest(run)
+    if last is None:
+        return
+    was = checkpoints.read_config(last)
+    for part in ("unet", "scheduler"):
+        if getattr(was, part) != getattr(cfg, part):
+            raise ValueError(f"{run} was started with another {part} config than these options give "
+                             f"({last.name}: {getattr(was, part)}); rerun it with the options it started "
+                             "with, or use another --run-dir")
 
 
 def _check_range(levels, n_levels: int, what: str) -> None:
