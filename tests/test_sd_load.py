@@ -99,7 +99,8 @@ def test_vae_matches(case):
 def test_pipeline_matches(case, sampler):
     variant, ref, (unet, vae, text, cfg), _, _ = case
     steps, seed, prompt = 8, 42, "a photo of a cat"
-    sched = ref.scheduler.config
+    saved_sched = ref.scheduler  # the reference is shared by the module's tests: put it back
+    sched = saved_sched.config
     if sampler == "euler":  # SD's own "leading" spacing with steps_offset 1
         ref.scheduler = diffusers.EulerDiscreteScheduler.from_config(sched)
     else:  # diffusers' DPM-Solver has its own "leading" (see test_diffusers_parity): both trailing here
@@ -110,8 +111,11 @@ def test_pipeline_matches(case, sampler):
     pipe = Pipeline(unet, vae, text, cfg, "cpu", torch.float32)
     [res] = pipe(Request(prompt=prompt, seed=seed, steps=steps, sampler=sampler, cfg=7.5, width=16, height=16))
     noise = randn((1, 4, 8, 8), generators(seed, 1))  # our first draw; diffusers scales it itself
-    out = ref(prompt, negative_prompt="", num_inference_steps=steps, guidance_scale=7.5, height=16, width=16,
-              latents=noise, output_type="latent")
+    try:
+        out = ref(prompt, negative_prompt="", num_inference_steps=steps, guidance_scale=7.5, height=16, width=16,
+                  latents=noise, output_type="latent")
+    finally:
+        ref.scheduler = saved_sched
     latent = out.images
     assert (res.latent - latent[0]).abs().max() / latent.abs().max() < 1e-3
     with torch.no_grad():
@@ -126,7 +130,7 @@ def test_pipeline_matches_with_guidance_rescale_and_zero_terminal_snr(case):
     # eps-model keeps SD's own leading spacing, as test_pipeline_matches)
     variant, ref, (unet, vae, text, cfg), _, _ = case
     steps, seed, prompt, phi = 8, 7, "a photo of a cat", 0.7
-    saved_sched = ref.scheduler  # other tests swap it too: spell out what this one needs
+    saved_sched = ref.scheduler
     if cfg.scheduler.prediction_type == "v":
         cfg = replace(cfg, scheduler=replace(cfg.scheduler, timestep_spacing="trailing", steps_offset=0,
                                              rescale_betas_zero_snr=True))
