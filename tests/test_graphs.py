@@ -43,6 +43,29 @@ def test_trace_equals_eager_and_is_kept_per_shape(unet):
     assert torch.equal(out, ref) and torch.equal(again, ref)
 
 
+def test_trace_takes_the_text_as_input_not_as_a_constant(unet):
+    # the cross-attention's keys and values go in as the trace's inputs (UNet.forward)
+    x, t, c, m = _inputs()
+    other = torch.randn_like(c)
+    with torch.inference_mode():
+        first, second = unet(x, t, c, m), unet(x, t, other, m)
+        assert len(unet.__dict__["_graphs"]) == 1
+        assert torch.equal(first, unet._forward(x, t[:1], c, m))
+        assert torch.equal(second, unet._forward(x, t[:1], other, m))
+    assert not torch.equal(first, second)
+
+
+def test_small_model_convs_all_packed_so_rows_round_alike(unet):
+    assert all(m.pack_all for m in unet.modules() if isinstance(m, torch.nn.Conv2d))
+    assert graphs.row_invariant(unet) == graphs.PACKED_CONV
+    x, t, c, m = _inputs(batch=2)
+    with torch.inference_mode():
+        pair = unet._forward(x, t[:1], c, m)
+        alone = unet._forward(x[1:], t[:1], c[1:], m[1:])
+    if graphs.PACKED_CONV:
+        assert torch.equal(pair[1:], alone)
+
+
 def test_trace_follows_weight_edits_and_replacements(unet):
     x, t, c, m = _inputs()
     with torch.inference_mode():
@@ -53,6 +76,12 @@ def test_trace_follows_weight_edits_and_replacements(unet):
         edited = unet(x, t, c, m)
         assert not torch.equal(edited, before)
         assert torch.equal(edited, unet._forward(x, t[:1], c, m))
+    lin = unet.mid_block.attentions[0].transformer_blocks[0].ff.net[2]
+    with torch.no_grad():
+        lin.weight.mul_(3.0)  # a parameter the inlined trace reads as an attribute
+    with torch.inference_mode():
+        assert torch.equal(unet(x, t, c, m), unet._forward(x, t[:1], c, m))
+        assert not torch.equal(unet(x, t, c, m), edited)
     unet.conv_out.weight = torch.nn.Parameter(torch.zeros_like(unet.conv_out.weight))  # replaced
     with torch.inference_mode():
         assert torch.equal(unet(x, t, c, m), unet._forward(x, t[:1], c, m))
@@ -111,7 +140,10 @@ def test_pipeline_second_run_traced_same_image(tiny_model):
     assert not pipe.unet.__dict__.get("_graphs")
     second = pipe(req)[0]
     assert pipe.unet.__dict__.get("_graphs")  # traces of the prompt's and the empty prompt's shapes
-    # side by side at one thread each against one batch over both: the same up to rounding
+    # side by side at one thread each against one batch over both: the same bits where every
+    # conv is packed (row_invariant), else the same up to rounding
+    if graphs.row_invariant(pipe.unet):
+        assert torch.equal(first.latent, second.latent)
     assert (first.latent - second.latent).abs().max() < 1e-4
     a, b = np.asarray(first.image, dtype=np.int16), np.asarray(second.image, dtype=np.int16)
     assert np.abs(a - b).max() <= 1

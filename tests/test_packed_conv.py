@@ -127,3 +127,25 @@ def test_packing_gives_back_a_mapped_weight(tmp_path):
         torch.testing.assert_close(conv(x), ref, rtol=1e-5, atol=1e-5)
     assert rss_of(conv.weight) <= 2 * 4096
     assert torch.equal(conv.state_dict()["weight"], load_file(tmp_path / "c.safetensors")["weight"])
+
+
+@pytest.mark.real_thresholds
+def test_pack_all_gives_a_row_the_same_bits_in_any_batch_and_at_any_thread_count():
+    # what lets a small model's guidance passes run side by side (graphs.side_by_side):
+    # F.conv2d rounds a row alone differently from the same row in a batch at one thread
+    torch.manual_seed(0)
+    conv = mnn.Conv2d(64, 32, 3, padding=1)
+    conv.pack_all = True  # a conv far below the size thresholds
+    x = torch.randn(16, 64, 16, 16)
+    threads = torch.get_num_threads()
+    try:
+        with torch.inference_mode():
+            torch.set_num_threads(1)
+            alone, in_batch = conv(x[3:4]), conv(x)[3:4]
+            torch.set_num_threads(2)
+            two_threads = conv(x[3:4])
+    finally:
+        torch.set_num_threads(threads)
+    assert packed(conv)
+    assert torch.equal(alone, in_batch) and torch.equal(alone, two_threads)
+    torch.testing.assert_close(alone, F.conv2d(x[3:4], conv.weight, conv.bias, padding=1), rtol=1e-5, atol=1e-5)

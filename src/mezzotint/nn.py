@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -105,24 +106,51 @@ _PACKED_CONV = (_ONEDNN and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 _PACKING = threading.Lock()
 
 
+def _script_conv():
+    """The packed conv as a TorchScript function: a trace records a call to it (the op's
+    empty `Scalar?[]` argument cannot be traced), with the packed weights as a graph input."""
+    global _traced_conv
+    if _traced_conv is None:
+        def packed_conv(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], padding: List[int],
+                        stride: List[int], dilation: List[int], groups: int, channels_last: bool) -> torch.Tensor:
+            out = torch.ops.mkldnn._convolution_pointwise(x, w, b, padding, stride, dilation, groups, "none", [], "")
+            return out if channels_last else out.contiguous()
+        _traced_conv = torch.jit.script(packed_conv)
+    return _traced_conv
+
+
+_traced_conv = None
+
+
 class Conv2d(nn.Conv2d):
     """nn.Conv2d (same parameters, same state dict); CPU inference of large convs runs on
     weights packed once into oneDNN's layout. Gradients, small convs, other devices: F.conv2d."""
     packable = True  # False: always F.conv2d (the autoencoder: see vae.py)
+    # True: every CPU inference call packed, whatever its size (small models: see graphs.py).
+    # F.conv2d rounds a row of a batch differently from the same row alone (its kernels
+    # block by batch at one thread); the packed conv gives each row the same bits in any
+    # batch and at any thread count, so guidance's passes can run side by side.
+    pack_all = False
+
+    def uses_pack(self, x) -> bool:
+        w = self.weight
+        if not (_PACKED_CONV and self.packable and x.dim() == 4 and self.padding_mode == "zeros"
+                and not isinstance(self.padding, str) and _cpu_inference(x, w)):
+            return False
+        return self.pack_all or (x.numel() // x.shape[1] * w.numel() >= ONEDNN_MIN_MACS
+                                 and w.numel() >= PACK_MIN_RATIO * x.numel())
 
     def forward(self, x):
-        w = self.weight
-        if (_PACKED_CONV and self.packable and x.dim() == 4 and self.padding_mode == "zeros"
-                and not isinstance(self.padding, str)
-                and x.numel() // x.shape[1] * w.numel() >= ONEDNN_MIN_MACS
-                and w.numel() >= PACK_MIN_RATIO * x.numel() and _cpu_inference(x, w)
-                and not torch.jit.is_tracing()):  # a trace cannot hold the packed weights
+        if self.uses_pack(x):
+            args = list(self.padding), list(self.stride), list(self.dilation), self.groups
+            # oneDNN answers channels-last: given back contiguous unless the input was channels-last
+            cl = x.is_contiguous(memory_format=torch.channels_last)
+            if torch.jit.is_tracing():  # graphs.run holds the packed weights as the trace's buffers
+                return _script_conv()(x, self._packed(x), self.bias, *args, cl)
             b = self.bias
             out = torch.ops.mkldnn._convolution_pointwise(
-                x, self._packed(x), None if b is None else b.detach(), list(self.padding), list(self.stride),
-                list(self.dilation), self.groups, "none", [], "")
-            # oneDNN answers channels-last; the rest of the network is tuned for contiguous
-            return out if x.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
+                x, self._packed(x), None if b is None else b.detach(), *args, "none", [], "")
+            return out if cl else out.contiguous()
         return super().forward(x)
 
     def __getstate__(self):  # copies (deepcopy, pickle) pack again when they need to
@@ -190,6 +218,16 @@ class ResBlock(nn.Module):
         return h.add_(skip) if inplace else skip + h
 
 
+def attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, L) bool mask, True = attend -> (B, 1, 1, L) additive bias, 0 or -inf: what
+    scaled_dot_product_attention makes of a bool mask at every call, made once."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))[:, None, None]
+
+
+# {attention module: (keys, values)} that a call being traced takes as inputs, per thread
+GIVEN_KV = threading.local()
+
+
 class Attention(nn.Module):
     """Multi-head attention; self-attention when `context` is None."""
 
@@ -206,24 +244,20 @@ class Attention(nn.Module):
         self.probe = None  # a callable that gets cross-attention weights (explain sets it)
 
     def forward(self, x, context=None, mask=None):
-        # x: (B, N, dim); context: (B, L, context_dim); mask: (B, L) bool, True = attend
-        B, N, _ = x.shape
+        # x: (B, N, dim); context: (B, L, context_dim); mask: (B, L) bool, True = attend, or
+        # attention_bias(mask), made once for all layers of a call
         q = self.to_q(x)
-        if context is None:
-            k, v = self.to_k(x), self.to_v(x)
-        else:
-            k, v = self._context_kv(context)
-        q, k, v = (t.view(B, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2)
-                   for t in (q, k, v))  # (B, heads, N|L, d)
-        attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, L)
+        k, v = (self.to_k(x), self.to_v(x)) if context is None else self._context_kv(context)
+        # sizes by unflatten/flatten, not read off: a trace records every size it reads as ops
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, heads, N|L, d)
+        bias = attention_bias(mask, q.dtype) if mask is not None and mask.dtype == torch.bool else mask
         if self.probe is not None and context is not None:
             w = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, heads, N, L)
-            if attn_mask is not None:
-                w = w.masked_fill(~attn_mask, float("-inf"))
+            if bias is not None:
+                w = w + bias
             self.probe(w.float().softmax(-1))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, N, d)
-        out = out.transpose(1, 2).reshape(B, N, -1)
-        return self.to_out[0](out)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, heads, N, d)
+        return self.to_out[0](out.transpose(1, 2).flatten(2))
 
     def _context_kv(self, context):
         """Keys and values of the text tokens. Row by row: a short context makes a small-M
@@ -231,6 +265,10 @@ class Attention(nn.Module):
         batch equals a batch of one. Without autograd they are kept for the next call, since a
         sampler passes the same tokens at every step: the cache is checked by value and by the
         weights' version counters (LoRA merges and state-dict loads edit them in place)."""
+        given = getattr(GIVEN_KV, "kv", None)
+        if given is not None and self in given:  # a trace's inputs (UNet.forward)
+            return given[self]
+
         def compute():
             return torch.stack([self.to_k(c) for c in context]), torch.stack([self.to_v(c) for c in context])
         weights = (self.to_k.weight, self.to_k.bias, self.to_v.weight, self.to_v.bias)

@@ -12,8 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import graphs
+from . import nn as nn_
 from .config import UNetConfig
-from .nn import Attention, Conv2d, Downsample, Linear, ResBlock, TimestepMLP, Upsample, kept, timestep_embedding
+from .nn import (Attention, Conv2d, Downsample, Linear, ResBlock, TimestepMLP, Upsample, attention_bias, kept,
+                 timestep_embedding)
 
 
 class GEGLU(nn.Module):
@@ -106,11 +108,11 @@ class SpatialTransformer(nn.Module):
         self.proj_out = Linear(inner, ch) if linear else Conv2d(inner, ch, 1)
 
     def forward(self, x, context, mask=None):
-        B, C, H, W = x.shape
+        H, W = x.shape[2:]
         h = self.norm(x)
         if not self.linear:
             h = self.proj_in(h)
-        h = h.permute(0, 2, 3, 1).reshape(B, H * W, -1)  # (B, HW, inner)
+        h = h.permute(0, 2, 3, 1).flatten(1, 2)  # (B, HW, inner)
         if self.linear:
             h = self.proj_in(h)
         if self.positions:
@@ -119,7 +121,7 @@ class SpatialTransformer(nn.Module):
             h = block(h, context, mask)
         if self.linear:
             h = self.proj_out(h)
-        h = h.reshape(B, H, W, -1).permute(0, 3, 1, 2)  # (B, inner, H, W)
+        h = h.unflatten(1, (H, W)).permute(0, 3, 1, 2)  # (B, inner, H, W)
         if not self.linear:
             h = self.proj_out(h)
         return x + h
@@ -200,6 +202,10 @@ class UNet(nn.Module):
         if cfg.context_layers:
             heads = max(1, cfg.context_dim // 64)
             self.context_blocks = nn.ModuleList(ContextBlock(cfg.context_dim, heads) for _ in range(cfg.context_layers))
+        if sum(p.numel() for p in self.parameters()) <= graphs.MAX_PARAMS:
+            for m in self.modules():  # rows that round alike in any batch (see graphs.side_by_side)
+                if isinstance(m, Conv2d):
+                    m.pack_all = True
 
     def refine_context(self, context, mask=None):
         """The text tokens the cross-attention sees: the encoder's, through the refiner if any.
@@ -223,7 +229,7 @@ class UNet(nn.Module):
         return context
 
     def __getstate__(self):  # copies (deepcopy, pickle) leave the caches and traces behind
-        return {k: v for k, v in graphs.state(self.__dict__).items() if k != "_refined"}
+        return {k: v for k, v in graphs.state(self.__dict__).items() if k not in ("_refined", "_cross")}
 
     def forward(self, x, t, context, context_mask=None):
         """x: (B, C, h, w) latent; t: (B,) timesteps (float allowed); context: (B, L, D)."""
@@ -233,12 +239,33 @@ class UNet(nn.Module):
             # to a batch of one, since small-M matmuls take other kernels as M changes
             t = t[:1]
         if graphs.usable(self, x):
-            return graphs.run(self, "_forward", x, t, context, context_mask)
+            # the text's keys and values, kept between steps, go in as inputs: in a trace they
+            # would be computed again at every call
+            ctx = self.refine_context(context.to(x.dtype), context_mask)
+            kv = [kv for a in self._cross_attentions() for kv in a._context_kv(ctx)]
+            return graphs.run(self, "_forward", x, t, context, context_mask, *kv)
         return self._forward(x, t, context, context_mask)
 
-    def _forward(self, x, t, context, context_mask):
+    def _cross_attentions(self) -> list:
+        found = self.__dict__.get("_cross")
+        if found is None or found[0] != graphs.epoch():  # submodules registered since: looked up again
+            found = self.__dict__["_cross"] = (graphs.epoch(), [m.attn2 for m in self.modules()
+                                                                if isinstance(m, TransformerBlock)])
+        return found[1]
+
+    def _forward(self, x, t, context, context_mask, *kv):
+        if not kv:
+            return self._run(x, t, self.refine_context(context.to(x.dtype), context_mask), context_mask)
+        nn_.GIVEN_KV.kv = dict(zip(self._cross_attentions(), zip(kv[::2], kv[1::2])))
+        try:  # the cross-attentions take these; `context` goes unused
+            return self._run(x, t, context, context_mask)
+        finally:
+            nn_.GIVEN_KV.kv = None
+
+    def _run(self, x, t, context, context_mask):
         emb = self.time_embedding(timestep_embedding(t, self.cfg.channels).to(x.dtype))
-        context = self.refine_context(context.to(x.dtype), context_mask)
+        if context_mask is not None:
+            context_mask = attention_bias(context_mask, x.dtype)
         h = self.conv_in(x)
         skips = [h]
         for level in self.down_blocks:

@@ -85,17 +85,22 @@ class CFGDenoiser:
             # uncond + 1 * (cond - uncond) = cond: skip the unconditional pass.
             return self.denoiser(x, sigma, **{k: _expand(v, batch) for k, v in self.cond.items()})
         self.calls += 1
-        if self.side_by_side is not None and self.calls > self.side_from:
-            x0_uncond, x0_cond = self.side_by_side(
-                lambda: self.denoiser(x, sigma, **{k: _expand(v, batch) for k, v in self.uncond.items()}),
-                lambda: self.denoiser(x, sigma, **{k: _expand(v, batch) for k, v in self.cond.items()}))
-            return self._combine(x, sigma, x0_uncond, x0_cond)
         joint = None
         if self.batch_together:
             # cond and uncond are fixed for the whole sampling run: pad and concatenate once
             if batch not in self._joint_cache:
                 self._joint_cache[batch] = self._joint(batch)
             joint = self._joint_cache[batch]
+        if self.side_by_side is not None and self.calls > self.side_from:
+            if joint is not None:  # each pass gets its rows of the joint batch, padded alike, so
+                # that its result is the same as theirs (a prompt padded longer rounds otherwise)
+                uncond, cond = ({k: v[rows] if torch.is_tensor(v) else v for k, v in joint.items()}
+                                for rows in (slice(0, batch), slice(batch, None)))
+            else:
+                uncond, cond = ({k: _expand(v, batch) for k, v in d.items()} for d in (self.uncond, self.cond))
+            x0_uncond, x0_cond = self.side_by_side(lambda: self.denoiser(x, sigma, **uncond),
+                                                   lambda: self.denoiser(x, sigma, **cond))
+            return self._combine(x, sigma, x0_uncond, x0_cond)
         if joint is not None:
             out = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **joint)
             x0_uncond, x0_cond = out.chunk(2)
