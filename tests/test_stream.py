@@ -100,6 +100,8 @@ def test_streamed_stable_diffusion_gives_the_same_image(monkeypatch):
     # tensors this small share the kernel's fault-around windows (16 pages) with their
     # neighbours, so some pages come back unasked; SD's are megabytes each
     for model, most in ((plain, 0.9), (pipe, 0.5)):
-        big = [p for p in model.unet.parameters() if p.nbytes >= 64 * 1024]
+        # a packed conv's weights are given back in either mode (its packed copy replaces them)
+        packed = {id(m.weight) for m in model.unet.modules() if "_pack" in m.__dict__}
+        big = [p for p in model.unet.parameters() if p.nbytes >= 64 * 1024 and id(p) not in packed]
         share = sum(rss_of(p) for p in big) / sum(p.nbytes for p in big)
         assert share >= most if model is plain else share <= most

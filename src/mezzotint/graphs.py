@@ -4,21 +4,27 @@ Python and fewer threads per op.
 The default model's UNet (4.7 M parameters) makes about 1,200 tensor ops per call, most of
 them on tensors of a few thousand elements, so a quarter of each call is Python: module
 calls, attribute lookups, argument parsing. A TorchScript trace of the call runs the same
-ops in a C++ interpreter (one call: 11.0-11.4 ms against 13.1-13.3 eager, 1 thread). The
-trace holds the model's own parameters (not copies): in-place edits (LoRA merges, state-dict
-loads, `.to()`) reach it; a parameter, buffer or submodule that is replaced outright starts a
-new trace. oneDNN's packed convs and linears cannot be recorded, so a trace runs F.conv2d and
-F.linear there: the same products, rounded alike or within float32 rounding. Large models
-(Stable Diffusion's) spend their time in the arithmetic, and are never traced.
+ops in a C++ interpreter, with the submodules' calls inlined (`_inline`; 8-10 % faster than
+the plain trace). The trace holds the model's own parameters (not copies): in-place edits
+(LoRA merges, state-dict loads, `.to()`) reach it; a parameter, buffer or submodule that is
+replaced outright starts a new trace, and so does an in-place edit of a conv weight, whose
+packed copy the trace holds (`_pack_key`). The text's keys and values, kept between steps,
+are the trace's inputs (UNet.forward). oneDNN's linears cannot be recorded, so a trace runs
+F.linear there: the same products within float32 rounding. Large models (Stable Diffusion's)
+spend their time in the arithmetic, and are never traced.
 
-Large models' guidance passes run side by side, one thread each (`both`), rather than as one
-batch over both threads. Small models' do not, though it was faster (0.82x with traces): at
-one thread a batch-1 pass rounds differently from a row of a batch-B pass (oneDNN blocks
-batch 1 otherwise), and image k of a batch must equal the single image of seed + k.
+Guidance's two passes run side by side, one thread each (`both`), rather than as one batch
+over both threads: large models always, small models when both passes run as traces (one
+image, or two) and every conv is packed (`row_invariant`). F.conv2d rounds a row alone
+differently from the same row in a batch at one thread, and image k of a batch must equal
+the single image of seed + k; the packed conv, linear, norms and attention give a row the
+same bits in any batch and at one thread as at two (measured, and tested). Each pass gets
+its rows of the joint batch, padded alike (CFGDenoiser).
 
 torch.jit.trace is deprecated in favour of torch.compile, whose compile took 48 s on two
 cores and then ran a call in 13.2 ms against the trace's 12.6 (batch 2, 2 threads); a torch
-without torch.jit runs eagerly. MEZZOTINT_GRAPHS=0 turns both off.
+without torch.jit runs eagerly. Static Runtime ran the inlined trace no faster (9.2 against
+8.6 ms). MEZZOTINT_GRAPHS=0 turns both off.
 """
 from __future__ import annotations
 
