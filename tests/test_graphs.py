@@ -66,6 +66,18 @@ def test_small_model_convs_all_packed_so_rows_round_alike(unet):
         assert torch.equal(pair[1:], alone)
 
 
+def test_rows_split_over_two_traces_give_the_batch_bits(unet):
+    # guidance's two passes as one batch, whose rows run as two traces side by side
+    x, t, c, m = _inputs(batch=4)
+    with torch.inference_mode():
+        ref = unet._forward(x, t[:1], c, m)
+        out = unet(x, t, c, m)
+    if not graphs.splits(unet):
+        pytest.skip("one thread, or no packed convs: no split")
+    assert {key[2][0][0] for key in unet.__dict__["_graphs"]} == {(2, 4, 8, 8)}  # one trace, half the rows
+    assert torch.equal(out, ref)
+
+
 def test_trace_follows_weight_edits_and_replacements(unet):
     x, t, c, m = _inputs()
     with torch.inference_mode():

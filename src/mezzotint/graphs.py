@@ -82,9 +82,11 @@ def usable(model: nn.Module, x: torch.Tensor) -> bool:
     """A call of `model` on `x` may run as a trace: allowed, CPU inference without autograd,
     hooks or probes, of a model small enough for Python to matter."""
     if (not ENABLED or not model.__dict__.get("_graphs_on") or model.training or torch.is_grad_enabled()
-            or x.device.type != "cpu" or x.shape[0] > MAX_ROWS or torch.jit.is_tracing()):
+            or x.device.type != "cpu" or torch.jit.is_tracing()):
         return False
-    _, is_small, mods, _, _ = _info(model)
+    if x.shape[0] > MAX_ROWS * (2 if splits(model) else 1):
+        return False
+    _, is_small, mods, *_ = _info(model)
     if not is_small or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
         return False
     # every module's hooks, looked at in C (a generator over 400 modules cost 40 us a call)
@@ -93,24 +95,21 @@ def usable(model: nn.Module, x: torch.Tensor) -> bool:
 
 def side_by_side(model: nn.Module, x: torch.Tensor) -> bool:
     """Guidance's two passes of `model` may run at once (`both`): CPU inference on 2+ threads,
-    no probes (they collect in call order). A large model's passes always may (Python, which
-    holds the GIL, is a small share of each: SD's UNet at 256x256, 6 % faster a step); a small
-    model's when both passes run as traces (the GIL is let go inside them) and every conv is
-    packed (`row_invariant`): then a row's result is the same in a pass of one image as in a
-    batch, and at one thread as at two, so image k of a batch still equals the single image of
-    seed + k."""
+    no probes (they collect in call order), of a large model (Python, which holds the GIL, is a
+    small share of each pass: SD's UNet at 256x256, 6 % faster a step). A small model's passes
+    go as one batch, whose rows `run` splits over two traces side by side instead."""
     if not ENABLED or torch.get_num_threads() < 2 or x.device.type != "cpu" or torch.is_grad_enabled():
         return False
     if model.training or _probing(model):
         return False
-    return not small(model) or (row_invariant(model) and usable(model, x))
+    return not small(model)
 
 
 def row_invariant(model: nn.Module) -> bool:
     """Every conv of `model` runs packed in CPU inference (Conv2d.pack_all), the one op whose
     rounding of a row depended on the batch and the thread count (linear, norms and attention
     give each row the same bits, measured)."""
-    return PACKED_CONV and all(getattr(m, "pack_all", False) for m in _info(model)[4])
+    return _info(model)[5]
 
 
 def _probing(model: nn.Module) -> bool:
@@ -119,13 +118,15 @@ def _probing(model: nn.Module) -> bool:
 
 
 def _info(model: nn.Module) -> tuple:
-    """(epoch, small, modules, modules with a probe slot, convs), looked up again after registrations."""
+    """(epoch, small, modules, modules with a probe slot, convs, row-invariant), looked up again
+    after registrations."""
     info = model.__dict__.get("_graph_info")
     if info is None or info[0] != _epoch:
         mods = list(model.modules())
         probed = [m for m in mods if "probe" in m.__dict__]  # attention modules (explain sets probes)
         convs = [m for m in mods if isinstance(m, nn.Conv2d)]
-        info = (_epoch, sum(p.numel() for p in model.parameters()) <= MAX_PARAMS, mods, probed, convs)
+        invariant = PACKED_CONV and all(getattr(m, "pack_all", False) for m in convs)
+        info = (_epoch, sum(p.numel() for p in model.parameters()) <= MAX_PARAMS, mods, probed, convs, invariant)
         model.__dict__["_graph_info"] = info
     return info
 
@@ -175,10 +176,9 @@ def _inline(graph):
         return graph
 
 
-def run(model: nn.Module, method: str, *args):
-    """model.<method>(*args) through a trace kept for these argument shapes (made on first use)."""
+def _graph(model: nn.Module, method: str, args: tuple):
+    """The trace of model.<method> for these argument shapes, made on first use."""
     global _building
-    tensors = tuple(a for a in args if a is not None)
     with _lock:
         key = (method, _epoch, tuple(_sig(a) for a in args), _pack_key(model))
         graphs = model.__dict__.setdefault("_graphs", OrderedDict())
@@ -193,8 +193,8 @@ def run(model: nn.Module, method: str, *args):
                     call.packs = nn.Module()  # so the trace refers to the packed weights, not copies
                     for i, p in enumerate(_packs(model)):
                         call.packs.register_buffer(f"p{i}", p, persistent=False)
-                    graph = torch.jit.trace(call, tensors, check_trace=False)
-                    graph = _inline(graph)
+                    tensors = tuple(a for a in args if a is not None)
+                    graph = _inline(torch.jit.trace(call, tensors, check_trace=False))
             finally:
                 _building = False
             graphs[key] = graph
@@ -202,9 +202,35 @@ def run(model: nn.Module, method: str, *args):
                 graphs.popitem(last=False)
         else:
             graphs.move_to_end(key)
+        return graph
+
+
+def _call(graph, args: tuple):
     # the executor's optimising passes cost 0.1 s on the second call and gained nothing here
     with torch.jit.optimized_execution(False):
-        return graph(*tensors)
+        return graph(*(a for a in args if a is not None))
+
+
+def run(model: nn.Module, method: str, *args):
+    """model.<method>(*args) through a trace kept for these argument shapes (made on first use).
+    A row-invariant model's rows run as two traces side by side, half the rows and one thread
+    each (`splits`): guidance's two passes, with the Python around them run once, on one thread."""
+    rows = args[0].shape[0]
+    if rows < 2 or not splits(model):
+        return _call(_graph(model, method, args), args)
+    cut = (rows + 1) // 2
+    halves = [tuple(a[part] if a is not None and a.shape[0] == rows else a for a in args)
+              for part in (slice(0, cut), slice(cut, None))]
+    first = _graph(model, method, halves[0])
+    second = first if rows % 2 == 0 else _graph(model, method, halves[1])  # same shapes, same trace
+    a, b = both(lambda: _call(first, halves[0]), lambda: _call(second, halves[1]))
+    return torch.cat([a, b])
+
+
+def splits(model: nn.Module) -> bool:
+    """A small model's traced call may run its rows as two traces side by side (run): 2+
+    threads and every conv packed (row_invariant), so that the split gives the same bits."""
+    return torch.get_num_threads() >= 2 and row_invariant(model)
 
 
 def state(d: dict) -> dict:

@@ -229,12 +229,12 @@ class UNet(nn.Module):
         return context
 
     def __getstate__(self):  # copies (deepcopy, pickle) leave the caches and traces behind
-        return {k: v for k, v in graphs.state(self.__dict__).items() if k not in ("_refined", "_cross")}
+        return {k: v for k, v in graphs.state(self.__dict__).items() if k not in ("_refined", "_cross", "_kv_in")}
 
     def forward(self, x, t, context, context_mask=None):
         """x: (B, C, h, w) latent; t: (B,) timesteps (float allowed); context: (B, L, D)."""
         t = t.reshape(-1)
-        if bool((t == t[0]).all()):
+        if t.shape[0] > 1 and bool((t == t[0]).all()):
             # one embedding broadcast over the batch: also keeps row k of a batch bit-identical
             # to a batch of one, since small-M matmuls take other kernels as M changes
             t = t[:1]
@@ -242,7 +242,9 @@ class UNet(nn.Module):
             # the text's keys and values, kept between steps, go in as inputs: in a trace they
             # would be computed again at every call
             ctx = self.refine_context(context.to(x.dtype), context_mask)
-            kv = [kv for a in self._cross_attentions() for kv in a._context_kv(ctx)]
+            cross = self._cross_attentions()
+            weights = [p for a in cross for p in (a.to_k.weight, a.to_k.bias, a.to_v.weight, a.to_v.bias)]
+            kv = kept(self, "_kv_in", weights, (ctx,), lambda: [kv for a in cross for kv in a._context_kv(ctx)])
             return graphs.run(self, "_forward", x, t, context, context_mask, *kv)
         return self._forward(x, t, context, context_mask)
 
