@@ -83,6 +83,26 @@ def test_rows_split_over_two_traces_give_the_batch_bits(unet):
     assert torch.equal(out, ref)
 
 
+def test_large_batches_split_eagerly_give_the_batch_bits(unet, monkeypatch):
+    if not graphs.row_invariant(unet):
+        pytest.skip("this PyTorch has no packed oneDNN convs: no split")
+    graphs.allow(unet, False)  # eager
+    x, t, c, m = _inputs(batch=graphs.SPLIT_EAGER_ROWS)
+    halves = []
+    in_halves = graphs.in_halves
+    monkeypatch.setattr(graphs, "in_halves", lambda *a: halves.append(1) or in_halves(*a))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            assert graphs.split_eager(unet, x) and not graphs.split_eager(unet, x[:-1])
+            ref = unet._forward(x, t[:1], c, m)
+            out = unet(x, t, c, m)
+    finally:
+        torch.set_num_threads(threads)
+    assert halves and torch.equal(out, ref)
+
+
 def test_trace_follows_weight_edits_and_replacements(unet):
     x, t, c, m = _inputs()
     with torch.inference_mode():

@@ -44,6 +44,8 @@ from .nn import weight_key
 MAX_PARAMS = 50_000_000  # above this the Python around the ops is a small share of a call
 MAX_ROWS = 2  # traced calls of up to this batch (one image and its guidance pass): a batch of
 # 16 rows ran 1.12x slower traced than eager (2 threads), one of 2 rows 0.92x
+SPLIT_EAGER_ROWS = 16  # a batch of 8 images and its guidance: 0.85x one batch over 2 threads;
+# one image's 2 rows ran 1.5x slower split eagerly (traced, they split at any count: run)
 MAX_GRAPHS = 8  # traces kept per model (one per input shape: batch, prompt length, size)
 ENABLED = os.environ.get("MEZZOTINT_GRAPHS", "1") != "0" and hasattr(torch.jit, "trace")
 
@@ -215,16 +217,36 @@ def run(model: nn.Module, method: str, *args):
     """model.<method>(*args) through a trace kept for these argument shapes (made on first use).
     A row-invariant model's rows run as two traces side by side, half the rows and one thread
     each (`splits`): guidance's two passes, with the Python around them run once, on one thread."""
-    rows = args[0].shape[0]
-    if rows < 2 or not splits(model):
+    if args[0].shape[0] < 2 or not splits(model):
         return _call(_graph(model, method, args), args)
+    graphs = {}
+
+    def half(*part):  # both halves have the same shapes when the rows are even: one trace
+        key = tuple(None if a is None else a.shape for a in part)
+        if key not in graphs:
+            graphs[key] = _graph(model, method, part)
+        return lambda: _call(graphs[key], part)
+    return in_halves(half, *args)
+
+
+def in_halves(fn, *args):
+    """torch.cat of fn(*rows)() over the first and the second half of the rows of every
+    argument that has them (the others whole), the two run side by side (`both`)."""
+    rows = args[0].shape[0]
     cut = (rows + 1) // 2
-    halves = [tuple(a[part] if a is not None and a.shape[0] == rows else a for a in args)
-              for part in (slice(0, cut), slice(cut, None))]
-    first = _graph(model, method, halves[0])
-    second = first if rows % 2 == 0 else _graph(model, method, halves[1])  # same shapes, same trace
-    a, b = both(lambda: _call(first, halves[0]), lambda: _call(second, halves[1]))
-    return torch.cat([a, b])
+    first, second = (fn(*(a[part] if a is not None and a.dim() and a.shape[0] == rows else a for a in args))
+                     for part in (slice(0, cut), slice(cut, None)))
+    return torch.cat(both(first, second))
+
+
+def split_eager(model: nn.Module, x: torch.Tensor) -> bool:
+    """A row-invariant model's call too large to trace may still run as two halves side by
+    side, eagerly: at SPLIT_EAGER_ROWS rows and more, where the Python of two eager passes
+    (which holds the GIL) no longer outweighs what one thread each saves."""
+    if (not ENABLED or x.shape[0] < SPLIT_EAGER_ROWS or model.training or torch.is_grad_enabled()
+            or x.device.type != "cpu" or torch.jit.is_tracing() or not splits(model)):
+        return False
+    return small(model) and not _probing(model)
 
 
 def splits(model: nn.Module) -> bool:

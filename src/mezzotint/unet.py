@@ -238,14 +238,18 @@ class UNet(nn.Module):
             # one embedding broadcast over the batch: also keeps row k of a batch bit-identical
             # to a batch of one, since small-M matmuls take other kernels as M changes
             t = t[:1]
-        if graphs.usable(self, x):
-            # the text's keys and values, kept between steps, go in as inputs: in a trace they
-            # would be computed again at every call
+        traced = graphs.usable(self, x)
+        if traced or graphs.split_eager(self, x):
+            # the text's keys and values, kept between steps, made here and passed in: in a
+            # trace they would be computed again at every call, and on a thread of its own a
+            # half would round them otherwise (small-M matmuls split by thread count)
             ctx = self.refine_context(context.to(x.dtype), context_mask)
             cross = self._cross_attentions()
             weights = [p for a in cross for p in (a.to_k.weight, a.to_k.bias, a.to_v.weight, a.to_v.bias)]
             kv = kept(self, "_kv_in", weights, (ctx,), lambda: [kv for a in cross for kv in a._context_kv(ctx)])
-            return graphs.run(self, "_forward", x, t, context, context_mask, *kv)
+            if traced:
+                return graphs.run(self, "_forward", x, t, context, context_mask, *kv)
+            return graphs.in_halves(lambda *part: lambda: self._forward(*part), x, t, context, context_mask, *kv)
         return self._forward(x, t, context, context_mask)
 
     def _cross_attentions(self) -> list:
