@@ -14,12 +14,16 @@ F.linear there: the same products within float32 rounding. Large models (Stable 
 spend their time in the arithmetic, and are never traced.
 
 Guidance's two passes run side by side, one thread each (`both`), rather than as one batch
-over both threads: large models always, small models when both passes run as traces (one
-image, or two) and every conv is packed (`row_invariant`). F.conv2d rounds a row alone
-differently from the same row in a batch at one thread, and image k of a batch must equal
-the single image of seed + k; the packed conv, linear, norms and attention give a row the
-same bits in any batch and at one thread as at two (measured, and tested). Each pass gets
-its rows of the joint batch, padded alike (CFGDenoiser).
+over both threads. A large model's passes are two calls (`side_by_side`). A small model's go
+as one batch whose rows `run` splits over two traces (one or two images), or, from
+SPLIT_EAGER_ROWS rows on, over two eager halves (`split_eager`): the Python around them then
+runs once, on the calling thread. A split needs every conv packed (`row_invariant`): F.conv2d
+rounds a row alone differently from the same row in a batch at one thread, and image k of a
+batch must equal the single image of seed + k; the packed conv, linear, norms and attention
+give a row the same bits in any batch and at one thread as at two (measured, and tested).
+The text's keys and values are made once, on the calling thread (small-M matmuls round by
+thread count). A large model's passes each get their rows of the joint batch, padded alike
+(CFGDenoiser).
 
 torch.jit.trace is deprecated in favour of torch.compile, whose compile took 48 s on two
 cores and then ran a call in 13.2 ms against the trace's 12.6 (batch 2, 2 threads); a torch
@@ -88,11 +92,15 @@ def usable(model: nn.Module, x: torch.Tensor) -> bool:
         return False
     if x.shape[0] > MAX_ROWS * (2 if splits(model) else 1):
         return False
-    _, is_small, mods, *_ = _info(model)
-    if not is_small or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+    return small(model) and _plain(model)
+
+
+def _plain(model: nn.Module) -> bool:
+    """No forward hooks anywhere in `model`, and no probes."""
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
         return False
     # every module's hooks, looked at in C (a generator over 400 modules cost 40 us a call)
-    return not _probing(model) and not any(map(any, map(_HOOKS, mods)))
+    return not _probing(model) and not any(map(any, map(_HOOKS, _info(model)[2])))
 
 
 def side_by_side(model: nn.Module, x: torch.Tensor) -> bool:
@@ -242,11 +250,12 @@ def in_halves(fn, *args):
 def split_eager(model: nn.Module, x: torch.Tensor) -> bool:
     """A row-invariant model's call too large to trace may still run as two halves side by
     side, eagerly: at SPLIT_EAGER_ROWS rows and more, where the Python of two eager passes
-    (which holds the GIL) no longer outweighs what one thread each saves."""
+    (which holds the GIL) no longer outweighs what one thread each saves. Not with hooks or
+    probes: they would run on two threads at once."""
     if (not ENABLED or x.shape[0] < SPLIT_EAGER_ROWS or model.training or torch.is_grad_enabled()
             or x.device.type != "cpu" or torch.jit.is_tracing() or not splits(model)):
         return False
-    return small(model) and not _probing(model)
+    return small(model) and _plain(model)
 
 
 def splits(model: nn.Module) -> bool:

@@ -123,8 +123,9 @@ _traced_conv = None
 
 
 class Conv2d(nn.Conv2d):
-    """nn.Conv2d (same parameters, same state dict); CPU inference of large convs runs on
-    weights packed once into oneDNN's layout. Gradients, small convs, other devices: F.conv2d."""
+    """nn.Conv2d (same parameters, same state dict); CPU inference of large convs (of every
+    conv, with pack_all) runs on weights packed once into oneDNN's layout. Gradients, small
+    convs, other devices: F.conv2d."""
     packable = True  # False: always F.conv2d (the autoencoder: see vae.py)
     # True: every CPU inference call packed, whatever its size (small models: see graphs.py).
     # F.conv2d rounds a row of a batch differently from the same row alone (its kernels
@@ -224,7 +225,7 @@ def attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))[:, None, None]
 
 
-# {attention module: (keys, values)} that a call being traced takes as inputs, per thread
+# {attention module: (keys, values)} made by UNet.forward for a traced or split call, per thread
 GIVEN_KV = threading.local()
 
 

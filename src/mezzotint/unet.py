@@ -203,7 +203,7 @@ class UNet(nn.Module):
             heads = max(1, cfg.context_dim // 64)
             self.context_blocks = nn.ModuleList(ContextBlock(cfg.context_dim, heads) for _ in range(cfg.context_layers))
         if sum(p.numel() for p in self.parameters()) <= graphs.MAX_PARAMS:
-            for m in self.modules():  # rows that round alike in any batch (see graphs.side_by_side)
+            for m in self.modules():  # rows that round alike in any batch (graphs.row_invariant)
                 if isinstance(m, Conv2d):
                     m.pack_all = True
 
