@@ -15,9 +15,9 @@ spend their time in the arithmetic, and are never traced.
 
 Guidance's two passes run side by side, one thread each (`both`), rather than as one batch
 over both threads. A large model's passes are two calls (`side_by_side`). A small model's go
-as one batch whose rows `run` splits over two traces (one or two images), or, from
-SPLIT_EAGER_ROWS rows on, over two eager halves (`split_eager`): the Python around them then
-runs once, on the calling thread. A split needs every conv packed (`row_invariant`): F.conv2d
+as one batch whose rows `run` splits over two traces (up to SPLIT_ROWS rows a half), or,
+for a larger call or one made before traces are allowed, from SPLIT_EAGER_ROWS rows on over
+two eager halves (`split_eager`): the Python around them then runs once, on the calling thread. A split needs every conv packed (`row_invariant`): F.conv2d
 rounds a row alone differently from the same row in a batch at one thread, and image k of a
 batch must equal the single image of seed + k; the packed conv, linear, norms and attention
 give a row the same bits in any batch and at one thread as at two (measured, and tested).
@@ -46,10 +46,12 @@ from .nn import _PACKED_CONV as PACKED_CONV
 from .nn import weight_key
 
 MAX_PARAMS = 50_000_000  # above this the Python around the ops is a small share of a call
-MAX_ROWS = 2  # traced calls of up to this batch (one image and its guidance pass): a batch of
-# 16 rows ran 1.12x slower traced than eager (2 threads), one of 2 rows 0.92x
-SPLIT_EAGER_ROWS = 16  # a batch of 8 images and its guidance: 0.85x one batch over 2 threads;
-# one image's 2 rows ran 1.5x slower split eagerly (traced, they split at any count: run)
+MAX_ROWS = 2  # traced calls of up to this batch (one image and its guidance pass), when not
+# split: a batch of 16 rows ran 1.12x slower traced than eager (2 threads), one of 2 rows 0.92x
+SPLIT_ROWS = 16  # split traced calls of up to this many rows a half, one thread each: batches
+# of 3, 4, 8 and 16 images took 0.63, 0.65, 0.80 and 0.75x their time split eagerly or batched
+SPLIT_EAGER_ROWS = 16  # larger calls split eagerly from this many rows: a batch of 8 images and
+# its guidance 0.89x one batch over 2 threads; one image's 2 rows ran 1.5x slower split eagerly
 MAX_GRAPHS = 8  # traces kept per model (one per input shape: batch, prompt length, size)
 ENABLED = os.environ.get("MEZZOTINT_GRAPHS", "1") != "0" and hasattr(torch.jit, "trace")
 
@@ -90,7 +92,7 @@ def usable(model: nn.Module, x: torch.Tensor) -> bool:
     if (not ENABLED or not model.__dict__.get("_graphs_on") or model.training or torch.is_grad_enabled()
             or x.device.type != "cpu" or torch.jit.is_tracing()):
         return False
-    if x.shape[0] > MAX_ROWS * (2 if splits(model) else 1):
+    if x.shape[0] > (2 * SPLIT_ROWS if splits(model) else MAX_ROWS):
         return False
     return small(model) and _plain(model)
 
