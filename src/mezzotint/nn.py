@@ -170,7 +170,9 @@ class Conv2d(nn.Conv2d):
                             w.detach().to_mkldnn(), list(self.padding), list(self.stride), list(self.dilation),
                             self.groups, list(x.shape))
                     self.__dict__["_pack"] = cached = (key, packed)
-                    release(w)  # weights mapped from a file: the packed copy takes their place in memory
+                    if not self.pack_all:  # a small model's copies are small; finding its
+                        # mapped pages cost 4 ms a conv (most of a cold image's packing)
+                        release(w)  # weights mapped from a file: the packed copy takes their place in memory
         return cached[1]
 
 
