@@ -17,10 +17,11 @@ Guidance's two passes run side by side, one thread each (`both`), rather than as
 over both threads. A large model's passes are two calls (`side_by_side`). A small model's go
 as one batch whose rows `run` splits over two traces (up to SPLIT_ROWS rows a half), or,
 for a larger call or one made before traces are allowed, from SPLIT_EAGER_ROWS rows on over
-two eager halves (`split_eager`): the Python around them then runs once, on the calling thread. A split needs every conv packed (`row_invariant`): F.conv2d
-rounds a row alone differently from the same row in a batch at one thread, and image k of a
-batch must equal the single image of seed + k; the packed conv, linear, norms and attention
-give a row the same bits in any batch and at one thread as at two (measured, and tested).
+two eager halves (`split_eager`): the Python around them then runs once, on the calling
+thread. A split needs every conv packed (`row_invariant`): F.conv2d rounds a row alone
+differently from the same row in a batch at one thread, and image k of a batch must equal
+the single image of seed + k; the packed conv, linear, norms and attention give a row the
+same bits in any batch and at one thread as at two (measured, and tested).
 The text's keys and values are made once, on the calling thread (small-M matmuls round by
 thread count). A large model's passes each get their rows of the joint batch, padded alike
 (CFGDenoiser).
