@@ -102,8 +102,8 @@ def _plain(model: nn.Module) -> bool:
     """No forward hooks anywhere in `model`, and no probes."""
     if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
         return False
-    # every module's hooks, looked at in C (a generator over 400 modules cost 40 us a call)
-    return not _probing(model) and not any(map(any, map(_HOOKS, _info(model)[2])))
+    # every module's hook dicts, kept per epoch (registering a hook edits its dict in place)
+    return not _probing(model) and not any(_info(model)[6])
 
 
 def side_by_side(model: nn.Module, x: torch.Tensor) -> bool:
@@ -131,15 +131,17 @@ def _probing(model: nn.Module) -> bool:
 
 
 def _info(model: nn.Module) -> tuple:
-    """(epoch, small, modules, modules with a probe slot, convs, row-invariant), looked up again
-    after registrations."""
+    """(epoch, small, modules, modules with a probe slot, convs, row-invariant, hook dicts),
+    looked up again after registrations."""
     info = model.__dict__.get("_graph_info")
     if info is None or info[0] != _epoch:
         mods = list(model.modules())
         probed = [m for m in mods if "probe" in m.__dict__]  # attention modules (explain sets probes)
         convs = [m for m in mods if isinstance(m, nn.Conv2d)]
         invariant = PACKED_CONV and all(getattr(m, "pack_all", False) for m in convs)
-        info = (_epoch, sum(p.numel() for p in model.parameters()) <= MAX_PARAMS, mods, probed, convs, invariant)
+        hooks = [d for m in mods for d in _HOOKS(m)]
+        info = (_epoch, sum(p.numel() for p in model.parameters()) <= MAX_PARAMS, mods, probed, convs, invariant,
+                hooks)
         model.__dict__["_graph_info"] = info
     return info
 
