@@ -128,6 +128,7 @@ def test_no_trace_with_autograd_hooks_probes_or_when_not_allowed(unet):
     x, t, c, m = _inputs()
     assert not graphs.usable(unet, x)  # autograd on
     with torch.inference_mode():
+        assert graphs.usable(unet, x)  # the hook dicts looked up (kept), then a hook added to one
         handle = unet.mid_block.register_forward_hook(lambda *a: None)
         assert not graphs.usable(unet, x)
         handle.remove()
