@@ -252,8 +252,8 @@ class Pipeline:
         """Step 4: run the sampler over the guided denoiser. `keep` = (mask, latent): where the
         latent mask is 0 the clean prediction is replaced by the known latent at every step
         (inpainting with any model, as the A1111 web UI does), so those cells end exactly there."""
-        # from the second run on a small model runs as traces; a large model's guidance passes
-        # run side by side (graphs.py)
+        # from the second run on a small model runs as traces, its rows split over two threads;
+        # a large model's guidance passes run side by side (graphs.py)
         graphs.allow(self.unet, self.warm)
         with torch.inference_mode():
             side = graphs.both if graphs.side_by_side(self.unet, x) else None

@@ -53,6 +53,7 @@ class CFGDenoiser:
         self.side_from = side_from  # calls made as one batch first (see Pipeline.denoise)
         self.calls = 0
         self._joint_cache: dict[int, dict | None] = {}  # batch size -> joint conditions
+        self._halves_cache: dict[int, tuple[dict, dict]] = {}  # batch size -> the side-by-side passes
 
     def _joint(self, batch: int) -> dict | None:
         """cond and uncond as one 2B-row dict [uncond; cond], or None if they cannot share a pass."""
@@ -76,6 +77,14 @@ class CFGDenoiser:
             joint[k] = torch.cat([u, c], dim=0)
         return joint
 
+    def _halves(self, joint: dict | None, batch: int) -> tuple[dict, dict]:
+        """(uncond, cond) for two side-by-side passes: each its rows of the joint batch, padded
+        alike, so that its result is the same as theirs (a prompt padded longer rounds otherwise)."""
+        if joint is None:
+            return tuple({k: _expand(v, batch) for k, v in d.items()} for d in (self.uncond, self.cond))
+        return tuple({k: v[rows] if torch.is_tensor(v) else v for k, v in joint.items()}
+                     for rows in (slice(0, batch), slice(batch, None)))
+
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
         batch = x.shape[0]
         sigma = torch.as_tensor(sigma, device=x.device)
@@ -92,12 +101,9 @@ class CFGDenoiser:
                 self._joint_cache[batch] = self._joint(batch)
             joint = self._joint_cache[batch]
         if self.side_by_side is not None and self.calls > self.side_from:
-            if joint is not None:  # each pass gets its rows of the joint batch, padded alike, so
-                # that its result is the same as theirs (a prompt padded longer rounds otherwise)
-                uncond, cond = ({k: v[rows] if torch.is_tensor(v) else v for k, v in joint.items()}
-                                for rows in (slice(0, batch), slice(batch, None)))
-            else:
-                uncond, cond = ({k: _expand(v, batch) for k, v in d.items()} for d in (self.uncond, self.cond))
+            if batch not in self._halves_cache:
+                self._halves_cache[batch] = self._halves(joint, batch)
+            uncond, cond = self._halves_cache[batch]
             x0_uncond, x0_cond = self.side_by_side(lambda: self.denoiser(x, sigma, **uncond),
                                                    lambda: self.denoiser(x, sigma, **cond))
             return self._combine(x, sigma, x0_uncond, x0_cond)
