@@ -164,3 +164,5 @@ class TrainConfig:
     threads: int = 0  # torch threads per process (0 = leave as is)
     pool: int = 0  # UNet only: encode this many items once and cycle over them (0 = encode every batch)
     attention_loss: float = 0.0  # UNet on the Shapes world only: weight of the grounded cross-attention loss
+    contrast: float = 0.0  # UNet on the Shapes world only: weight of the caption-contrast loss (train/contrast.py)
+    contrast_beta: float = 20.0  # its inverse temperature on x0 errors

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from .. import checkpoints
 from ..config import ModelConfig, TrainConfig, VAEConfig
+from ..data.shapes import ShapesDataset
 from ..diffusion.schedules import alphas_cumprod
 from ..unet import UNet
 from ..vae import AutoencoderKL, to_uint8, to_unit
@@ -126,7 +127,7 @@ class UNetTask(Task):
         self.vae = vae.to(device).eval().requires_grad_(False)
         self.model = init if init is not None else UNet(cfg.unet)
         self.ac = alphas_cumprod(cfg.scheduler).float().to(device)
-        self.pool = self.grounding = None
+        self.pool = self.grounding = self.negatives = None
 
     def fresh(self):
         return UNet(self.cfg.unet)
@@ -136,9 +137,14 @@ class UNetTask(Task):
             from .grounding import Grounding
             self.grounding = Grounding(dataset, self.text.tokenizer, self.tc.size // self.vae.cfg.factor,
                                        self.cfg.unet.attention_levels)
+        if self.tc.contrast and not isinstance(dataset, ShapesDataset):
+            raise ValueError("--contrast needs --data shapes (it swaps facts of Shapes captions)")
         if self.tc.pool:
             from .pool import build
             self.pool = build(run / "pool", self.tc.pool, dataset, self.vae, self.text, self.device, self.tc, d)
+            if self.tc.contrast:
+                from .contrast import build_negatives
+                self.negatives = build_negatives(run / "pool", self.pool, dataset, self.text, self.tc, d)
 
     def fetch(self, dataset, indices):
         if self.pool is not None:
@@ -164,19 +170,58 @@ class UNetTask(Task):
         noise = randn(x0.shape, gens, x0.device)
         a = self.ac[t].view(B, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise  # q(x_t | x_0)
+        pairs, ctx, mask = self._swapped(indices, captions, dropped, ctx, mask)
+        if pairs:  # the swapped captions' rows ride in the same forward (one DDP pass)
+            xt, t = torch.cat([xt, xt[pairs]]), torch.cat([t, t[pairs]])
         with recording(net) if self.grounding else contextlib.nullcontext() as maps:
             pred = net(xt, t.float(), ctx.to(x0.device), mask.to(x0.device)).float()
         v = self.cfg.scheduler.prediction_type == "v"
         target = a.sqrt() * noise - (1 - a).sqrt() * x0 if v else noise
-        per = ((pred - target) ** 2).mean(dim=(1, 2, 3))
-        per = per * loss_weight((a / (1 - a)).view(B), self.tc.snr_gamma, self.tc.snr_floor, v)
-        if self.grounding is None:
-            return per.mean()
-        items = [g % self.pool.size if self.pool is not None else g for g in indices]
-        target = self.grounding.targets(items, dropped, mask.sum(1).tolist())
-        att = attention_loss(maps, target)
-        self.terms = {"diffusion_loss": per.mean().item(), "attention_loss": att.item()}
-        return per.mean() + self.tc.attention_loss * att
+        mse = ((pred[:B] - target) ** 2).mean(dim=(1, 2, 3))
+        per = mse * loss_weight((a / (1 - a)).view(B), self.tc.snr_gamma, self.tc.snr_floor, v)
+        loss, self.terms = per.mean(), {}
+        if pairs:
+            from .contrast import contrast_loss
+            # x0 errors: the same scale at every timestep (v and eps errors blow up at one end)
+            to_x0 = ((1 - a) if v else (1 - a) / a).view(B)[pairs]
+            mse_false = ((pred[B:] - target[pairs]) ** 2).mean(dim=(1, 2, 3))
+            con = contrast_loss(mse[pairs] * to_x0, mse_false * to_x0, self.tc.contrast_beta)
+            loss = loss + self.tc.contrast * con
+            self.terms["contrast_loss"] = con.item()
+            self.terms["contrast_wins"] = (mse[pairs] < mse_false).float().mean().item()
+        if self.grounding is not None:
+            items = [g % self.pool.size if self.pool is not None else g for g in indices]
+            target = self.grounding.targets(items, dropped, mask[:B].sum(1).tolist())
+            att = attention_loss([w[:B] for w in maps], target)
+            self.terms["attention_loss"] = att.item()
+            loss = loss + self.tc.attention_loss * att
+        if self.terms:
+            self.terms["diffusion_loss"] = per.mean().item()
+        return loss
+
+    def _swapped(self, indices, captions, dropped, ctx, mask):
+        """(rows with a swapped caption, context and mask with those captions' rows appended)."""
+        if not self.tc.contrast:
+            return [], ctx, mask
+        if self.negatives is not None:
+            neg = self.negatives.get(indices)
+        else:
+            from .contrast import negative_caption
+            caps = [None if d else negative_caption(c, f"{self.tc.seed}/{g}")
+                    for c, d, g in zip(captions, dropped, indices)]
+            got = [c for c in caps if c is not None]
+            enc = iter(zip(*self.text.encode_batch(got))) if got else iter(())
+            neg = []
+            for c in caps:
+                e, m = next(enc) if c is not None else (None, None)
+                neg.append(None if c is None else e[m])
+        pairs = [i for i, (n, d) in enumerate(zip(neg, dropped)) if n is not None and not d]
+        if not pairs:
+            return [], ctx, mask
+        from .contrast import pad
+        rows = [c[m] for c, m in zip(ctx.cpu(), mask.cpu())] + [neg[i].float() for i in pairs]
+        ctx, mask = pad(rows, max(r.shape[0] for r in rows))
+        return pairs, ctx, mask
 
     def export(self, folder: Path, ema_model):
         checkpoints.save_model(folder, ema_model, self.vae, self.cfg)
