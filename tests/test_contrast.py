@@ -74,13 +74,15 @@ def test_train_with_contrast(tmp_path, capsys, pool):
     vae = save_vae(tmp_path / "vae", AutoencoderKL(PRESETS["tiny"].vae), PRESETS["tiny"].vae)
     fast = ["--size", "32", "--batch", "8", "--log-every", "1", "--sample-every", "0", "--threads", "1",
             "--ckpt-every", "2", "--steps", "2", "--preset", "tiny", "--vae", str(vae)]
-    fast += ["--pool", "16"] if pool else []
+    # with the pool, the grounding loss too: it reads the first B rows of a longer batch
+    extra = ["--pool", "16", "--attention-levels", "0,1", "--attention-loss", "1e-3"] if pool else []
     run = ["train", "--run-dir", str(tmp_path / "a"), "--contrast", "0.5", "--contrast-beta", "50"]
-    assert main(run + fast) == 0
+    assert main(run + fast + extra) == 0
     log = [json.loads(x) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     for row in log:  # each term is logged, and they make up the loss
         assert 0 < row["contrast_loss"] < 5 and 0 <= row["contrast_wins"] <= 1
-        assert row["loss"] == pytest.approx(row["diffusion_loss"] + 0.5 * row["contrast_loss"], rel=1e-5)
+        att = 1e-3 * row["attention_loss"] if pool else 0.0
+        assert row["loss"] == pytest.approx(row["diffusion_loss"] + 0.5 * row["contrast_loss"] + att, rel=1e-5)
     if pool:
         assert sorted(p.name for p in (tmp_path / "a" / "pool").iterdir()) == [
             "negatives-rank0-00000.safetensors", "rank0-00000.safetensors"]

@@ -160,3 +160,15 @@ def test_train_with_attention_loss(tmp_path, capsys):
     assert "needs --data shapes" in capsys.readouterr().err
     assert main(["train-vae", "--run-dir", str(tmp_path / "d"), "--attention-loss", "1e-3", "--steps", "2"]) == 2
     assert "autoencoder has none" in capsys.readouterr().err
+
+
+def test_loss_takes_a_context_padded_further():
+    """The contrast loss appends swapped captions, which may pad the context past the
+    grounded captions' longest: columns without a target change nothing."""
+    torch.manual_seed(0)
+    w = torch.softmax(torch.randn(2, 2, 64, 9), -1)
+    target = torch.zeros(2, 7, 8, 8)
+    target[0, 2, :4, :4] = 1
+    target[1, 5, 4:, 4:] = 1
+    wide = torch.nn.functional.pad(target, (0, 0, 0, 0, 0, 2))
+    assert attention_loss([w], target).item() == attention_loss([w], wide).item() > 0

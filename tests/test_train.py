@@ -224,3 +224,16 @@ def test_high_noise_share_of_timesteps():
     assert abs((plain >= 900).float().mean().item() - 0.1) < 0.02
     assert abs((high >= 900).float().mean().item() - 0.55) < 0.03  # 0.5 + 0.5 * 0.1
     assert bool((draws(1.0) >= 900).all()) and torch.equal(high, draws(0.5))
+
+
+def test_ddp_with_the_contrast_loss(tmp_path, tiny_vae):
+    """The swapped captions ride in the same forward, so DDP sees one pass per step."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = unet_cmd(tmp_path / "ddp", tiny_vae, 2, "--contrast", "0.1")
+    cmd[cmd.index("--batch") + 1] = "6"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        "--master_port", "29518", "-m", "mezzotint", *cmd],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = [json.loads(x) for x in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and all(row["contrast_loss"] > 0 for row in log)

@@ -92,6 +92,9 @@ class Grounding:
 def attention_loss(maps: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
     """Mean over layers, heads and targeted tokens of (1 - share of attention inside the mask)^2.
     maps: (B, heads, N, L) softmax weights; target: (B, L, R, R) with R^2 >= N."""
+    width = max(w.shape[3] for w in maps) if maps else 0
+    if target.shape[1] < width:  # a context padded further (the contrast loss's longer captions)
+        target = torch.nn.functional.pad(target, (0, 0, 0, 0, 0, width - target.shape[1]))
     has = target.flatten(2).amax(-1) > 0  # (B, L)
     if not has.any():
         return target.new_zeros(())
