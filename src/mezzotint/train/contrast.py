@@ -39,7 +39,7 @@ def _swap_words(text: str, table: dict[str, str]) -> str:
 
 def _article(a: str, word: str) -> str:
     """'a'/'an' (keeping the case of a) for the word after it."""
-    return (a + ("n " if word[0] in "aeiou" else " "))
+    return a + ("n " if word[0] in "aeiou" else " ")
 
 
 def negative_caption(caption: str, key: str) -> str | None:
@@ -55,17 +55,16 @@ def negative_caption(caption: str, key: str) -> str | None:
     a, b = f.objects
     options = []
     if f.kind == "position":
-        options.append(("relation", _swap_words(caption, _REL_WORDS),
-                        Facts("position", (a, b), INVERSE[f.relation], f.background)))
+        inverted = Facts("position", (a, b), INVERSE[f.relation], f.background)
+        options.append((_swap_words(caption, _REL_WORDS), inverted))
     if a.colour != b.colour and a.shape != b.shape:
         swapped = (Named(b.colour, a.shape, a.size), Named(a.colour, b.shape, b.size))
         text = _swap_words(caption, {a.colour: b.colour, b.colour: a.colour})
         text = re.sub(r"\b([Aa])n? (?=(\w+))", lambda m: _article(m.group(1), m.group(2)), text)
-        options.append(("colours", text,
-                        Facts(f.kind, swapped, f.relation, f.background)))
+        options.append((text, Facts(f.kind, swapped, f.relation, f.background)))
     if not options:
         return None
-    _, text, want = random.Random(f"contrast/{key}").choice(options)
+    text, want = random.Random(f"contrast/{key}").choice(options)
     try:
         return text if parse_caption(text) == want else None
     except ValueError:
