@@ -86,6 +86,12 @@ def test_train_with_contrast(tmp_path, capsys, pool):
     if pool:
         assert sorted(p.name for p in (tmp_path / "a" / "pool").iterdir()) == [
             "negatives-rank0-00000.safetensors", "rank0-00000.safetensors"]
+    if not pool:  # only the noisiest timesteps (here: none of the 16 items') get the term
+        late = ["train", "--run-dir", str(tmp_path / "b"), "--contrast", "0.5", "--contrast-from", "0.999"]
+        assert main(late + fast) == 0
+        assert not any("contrast_loss" in json.loads(x) for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines())
+        assert main(["train", "--run-dir", str(tmp_path / "e"), "--contrast", "1", "--contrast-from", "1"] + fast) == 2
+        assert "--contrast-from is a share" in capsys.readouterr().err
     data = tmp_path / "imgs"
     data.mkdir()
     (data / "0.txt").write_text("a picture")

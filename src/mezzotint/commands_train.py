@@ -34,6 +34,10 @@ def _train_config(args):
         raise UsageError("--steps, --batch and --accum must be >= 1")
     if tc.snr_gamma < 0 or tc.snr_floor < 0:
         raise UsageError("--snr-gamma and --snr-floor must be >= 0")
+    if not 0 <= tc.contrast_from < 1:
+        raise UsageError(f"--contrast-from is a share of the schedule in [0, 1), got {tc.contrast_from}")
+    if tc.contrast < 0 or tc.contrast_beta <= 0:
+        raise UsageError("--contrast must be >= 0 and --contrast-beta > 0")
     if not 0 <= tc.high_noise <= 1:
         raise UsageError(f"--high-noise is a share in [0, 1], got {tc.high_noise}")
     if tc.precision not in ("fp32", "bf16", "fp16"):

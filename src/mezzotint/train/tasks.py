@@ -170,7 +170,7 @@ class UNetTask(Task):
         noise = randn(x0.shape, gens, x0.device)
         a = self.ac[t].view(B, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise  # q(x_t | x_0)
-        pairs, ctx, mask = self._swapped(indices, captions, dropped, ctx, mask)
+        pairs, ctx, mask = self._swapped(indices, captions, dropped, ctx, mask, t)
         if pairs:  # the swapped captions' rows ride in the same forward (one DDP pass)
             xt, t = torch.cat([xt, xt[pairs]]), torch.cat([t, t[pairs]])
         with recording(net) if self.grounding else contextlib.nullcontext() as maps:
@@ -199,8 +199,9 @@ class UNetTask(Task):
             self.terms["diffusion_loss"] = per.mean().item()
         return loss
 
-    def _swapped(self, indices, captions, dropped, ctx, mask):
-        """(rows with a swapped caption, context and mask with those captions' rows appended)."""
+    def _swapped(self, indices, captions, dropped, ctx, mask, t):
+        """(rows with a swapped caption, context and mask with those captions' rows appended);
+        only rows whose timestep is in the noisiest (1 - contrast_from) of the schedule."""
         if not self.tc.contrast:
             return [], ctx, mask
         if self.negatives is not None:
@@ -215,7 +216,8 @@ class UNetTask(Task):
             for c in caps:
                 e, m = next(enc) if c is not None else (None, None)
                 neg.append(None if c is None else e[m])
-        pairs = [i for i, (n, d) in enumerate(zip(neg, dropped)) if n is not None and not d]
+        low = self.tc.contrast_from * len(self.ac)
+        pairs = [i for i, (n, d) in enumerate(zip(neg, dropped)) if n is not None and not d and t[i] >= low]
         if not pairs:
             return [], ctx, mask
         from .contrast import pad
