@@ -99,3 +99,5 @@ def test_train_with_contrast(tmp_path, capsys, pool):
     Image.new("RGB", (32, 32), "red").save(data / "0.png")
     assert main(["train", "--run-dir", str(tmp_path / "c"), "--contrast", "1", "--data", str(data)] + fast) == 2
     assert "--contrast needs --data shapes" in capsys.readouterr().err
+    assert main(["train-vae", "--run-dir", str(tmp_path / "d"), "--contrast", "1", "--steps", "2"]) == 2
+    assert "the autoencoder reads none" in capsys.readouterr().err

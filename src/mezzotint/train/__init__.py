@@ -33,6 +33,8 @@ def train_vae(tc: TrainConfig, preset: str = "shapes", init: str | None = None,
         raise ValueError("--pool encodes latents for UNet training; the autoencoder trains on pixels")
     if tc.attention_loss:
         raise ValueError("--attention-loss steers the UNet's cross-attention; the autoencoder has none")
+    if tc.contrast:
+        raise ValueError("--contrast compares the UNet's predictions under two captions; the autoencoder reads none")
     d = Dist.from_env()
     torch.manual_seed(tc.seed)  # the initial weights
     if init:
