@@ -204,19 +204,19 @@ class UNetTask(Task):
         only rows whose timestep is in the noisiest (1 - contrast_from) of the schedule."""
         if not self.tc.contrast:
             return [], ctx, mask
+        low = self.tc.contrast_from * len(self.ac)
         if self.negatives is not None:
             neg = self.negatives.get(indices)
-        else:
+        else:  # encode only the swaps that will be used
             from .contrast import negative_caption
-            caps = [None if d else negative_caption(c, f"{self.tc.seed}/{g}")
-                    for c, d, g in zip(captions, dropped, indices)]
+            caps = [None if d or t[i] < low else negative_caption(c, f"{self.tc.seed}/{g}")
+                    for i, (c, d, g) in enumerate(zip(captions, dropped, indices))]
             got = [c for c in caps if c is not None]
             enc = iter(zip(*self.text.encode_batch(got))) if got else iter(())
             neg = []
             for c in caps:
                 e, m = next(enc) if c is not None else (None, None)
                 neg.append(None if c is None else e[m])
-        low = self.tc.contrast_from * len(self.ac)
         pairs = [i for i, (n, d) in enumerate(zip(neg, dropped)) if n is not None and not d and t[i] >= low]
         if not pairs:
             return [], ctx, mask
