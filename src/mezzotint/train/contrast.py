@@ -13,21 +13,16 @@ the model cannot win by spoiling its predictions for it.
 """
 from __future__ import annotations
 
-import json
 import random
 import re
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from ..checkpoints import atomic_write
 from ..data.phrasing import INVERSE, parse_caption
 from ..data.shapes import Facts, Named
-from .pool import SHARD, _my_items, pool_size
+from .pool import _my_items, offsets_of, pool_size, sharded
 
 _REL_WORDS = {"left": "right", "right": "left", "above": "below", "below": "above",
               "under": "above", "beneath": "above", "underneath": "above"}
@@ -110,41 +105,15 @@ def build_negatives(folder: Path, pool, dataset, text, tc, d, progress: bool = T
     items = _my_items(size, tc.batch, d.world, d.rank)
     meta = {"size": size, "batch": tc.batch, "world": d.world, "rank": d.rank, "seed": tc.seed,
             "image_size": tc.size, "encoder": f"{text.cfg.path}@{text.cfg.layer}"}
-    tok, lens = [], []
-    n_shards = -(-len(items) // SHARD)
-    for s in range(n_shards):
-        f = folder / f"negatives-rank{d.rank}-{s:05d}.safetensors"
-        part = items[s * SHARD: (s + 1) * SHARD]
-        shard_meta = dict(meta, shard=s, first=part[0], count=len(part))
-        if f.is_file():
-            with safe_open(str(f), "pt") as fh:
-                if json.loads(fh.metadata().get("negatives", "{}")) != shard_meta:
-                    raise ValueError(f"{f} was built for another pool; remove {folder} or use another --run-dir")
-                a, b = fh.get_tensor("tokens"), fh.get_tensor("lengths")
-        else:
-            if progress and d.main:
-                print(f"contrast: encoding swapped captions of items {s * SHARD}..{s * SHARD + len(part) - 1}",
-                      file=sys.stderr, flush=True)
-            caps = [negative_caption(dataset.example(i)[2], f"{tc.seed}/{i}") for i in part]
-            a, b = _encode(caps, text, tc.batch)
-            atomic_write(f, lambda p, a=a, b=b, m=shard_meta: save_file(
-                {"tokens": a, "lengths": b}, str(p), metadata={"negatives": json.dumps(m)}))
-        tok.append(a)
-        lens.append(b)
-    lengths = torch.cat(lens)
-    offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
-    offsets[1:] = lengths.cumsum(0)
-    return Negatives(pool, torch.cat(tok), offsets)
 
-
-def pad(rows: list[torch.Tensor], length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(len(rows), length, D) context and mask from variable-length token rows."""
-    out = torch.zeros(len(rows), length, rows[0].shape[1])
-    mask = torch.zeros(len(rows), length, dtype=torch.bool)
-    for i, c in enumerate(rows):
-        out[i, : c.shape[0]] = c
-        mask[i, : c.shape[0]] = True
-    return out, mask
+    def encode(part):
+        caps = [negative_caption(dataset.example(i)[2], f"{tc.seed}/{i}") for i in part]
+        tokens, lengths = _encode(caps, text, tc.batch)
+        return {"tokens": tokens, "lengths": lengths}
+    shards = sharded(folder, "negatives-", "negatives", items, meta, encode,
+                     "contrast: encoding swapped captions of items", progress and d.main)
+    return Negatives(pool, torch.cat([x["tokens"] for x in shards]),
+                     offsets_of(torch.cat([x["lengths"] for x in shards])))
 
 
 def contrast_loss(err_true: torch.Tensor, err_false: torch.Tensor, beta: float) -> torch.Tensor:

@@ -50,13 +50,26 @@ class Pool:
         rows = [self.row(g) for g in indices]
         x0 = self.latents[rows]
         ctx = [self.empty if d else self.tokens[self.offsets[r]: self.offsets[r + 1]] for r, d in zip(rows, dropped)]
-        L = max(c.shape[0] for c in ctx)
-        out = torch.zeros(len(ctx), L, self.tokens.shape[1])
-        mask = torch.zeros(len(ctx), L, dtype=torch.bool)
-        for i, c in enumerate(ctx):
-            out[i, : c.shape[0]] = c
-            mask[i, : c.shape[0]] = True
+        out, mask = pad(ctx)
         return x0.to(device), out.to(device), mask.to(device)
+
+
+def pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(len(rows), L, D) context and (len(rows), L) mask from (n_i, D) token rows, L = max n_i."""
+    L = max(r.shape[0] for r in rows)
+    out = torch.zeros(len(rows), L, rows[0].shape[1])
+    mask = torch.zeros(len(rows), L, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        out[i, : r.shape[0]] = r
+        mask[i, : r.shape[0]] = True
+    return out, mask
+
+
+def offsets_of(lengths: torch.Tensor) -> torch.Tensor:
+    """Row r's tokens are tokens[offsets[r]: offsets[r + 1]]."""
+    out = torch.zeros(len(lengths) + 1, dtype=torch.int64)
+    out[1:] = lengths.cumsum(0)
+    return out
 
 
 def _my_items(size: int, batch: int, world: int, rank: int) -> list[int]:
@@ -88,38 +101,47 @@ def _fingerprint(vae) -> str:
     return h.hexdigest()[:16]
 
 
+def sharded(folder: Path, name: str, tag: str, items: list[int], meta: dict, encode, what: str,
+            progress: bool) -> list[dict]:
+    """This rank's shards `name`-rank{r}-NNNNN.safetensors of SHARD items each: loaded where
+    present (their metadata under `tag` must equal this run's), else made by encode(items)
+    (a dict of tensors) and written atomically, so a killed build resumes at the first missing one."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    n_shards = -(-len(items) // SHARD)
+    for s in range(n_shards):
+        f = folder / f"{name}rank{meta['rank']}-{s:05d}.safetensors"
+        part = items[s * SHARD: (s + 1) * SHARD]
+        shard_meta = dict(meta, shard=s, first=part[0], count=len(part))
+        if f.is_file():
+            with safe_open(str(f), "pt") as fh:
+                if json.loads(fh.metadata().get(tag, "{}")) != shard_meta:
+                    raise ValueError(f"{f} was built for another pool ({fh.metadata().get(tag)}); "
+                                     f"this run wants {json.dumps(shard_meta)}: remove {folder} or use another --run-dir")
+                out.append({k: fh.get_tensor(k) for k in fh.keys()})
+            continue
+        if progress:
+            print(f"{what} {s * SHARD}..{s * SHARD + len(part) - 1} of {len(items)} (shard {s + 1}/{n_shards})",
+                  file=sys.stderr, flush=True)
+        got = encode(part)
+        atomic_write(f, lambda p, got=got, m=shard_meta: save_file(got, str(p), metadata={tag: json.dumps(m)}))
+        out.append(got)
+    return out
+
+
 def build(folder: Path, requested: int, dataset, vae, text, device, tc, d, progress: bool = True) -> Pool:
     """Load this rank's pool from `folder`, encoding (and storing) the shards not there yet."""
     size = pool_size(requested, tc.batch, d.world)
     items = _my_items(size, tc.batch, d.world, d.rank)
     meta = {"version": VERSION, "size": size, "batch": tc.batch, "world": d.world, "rank": d.rank,
             "data": tc.data, "image_size": tc.size, "seed": tc.seed, "vae": _fingerprint(vae)}
-    folder.mkdir(parents=True, exist_ok=True)
-    lat, tok, lens = [], [], []
-    n_shards = -(-len(items) // SHARD)
-    for s in range(n_shards):
-        f = folder / f"rank{d.rank}-{s:05d}.safetensors"
-        part = items[s * SHARD: (s + 1) * SHARD]
-        shard_meta = dict(meta, shard=s, first=part[0], count=len(part))
-        if f.is_file():
-            with safe_open(str(f), "pt") as fh:
-                if json.loads(fh.metadata().get("pool", "{}")) != shard_meta:
-                    raise ValueError(f"{f} was built for another pool ({fh.metadata().get('pool')}); "
-                                     f"this run wants {json.dumps(shard_meta)}: remove {folder} or use another --run-dir")
-                a, b, c = fh.get_tensor("latents"), fh.get_tensor("tokens"), fh.get_tensor("lengths")
-        else:
-            if progress and d.main:
-                print(f"pool: encoding items {s * SHARD}..{s * SHARD + len(part) - 1} of {len(items)}"
-                      f" (shard {s + 1}/{n_shards})", file=sys.stderr, flush=True)
-            a, b, c = _encode(part, dataset, vae, text, device, tc.batch)
-            atomic_write(f, lambda p, a=a, b=b, c=c, m=shard_meta: save_file(
-                {"latents": a, "tokens": b, "lengths": c}, str(p), metadata={"pool": json.dumps(m)}))
-        lat.append(a)
-        tok.append(b)
-        lens.append(c)
-    lengths = torch.cat(lens)
-    offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
-    offsets[1:] = lengths.cumsum(0)
+
+    def encode(part):
+        a, b, c = _encode(part, dataset, vae, text, device, tc.batch)
+        return {"latents": a, "tokens": b, "lengths": c}
+    shards = sharded(folder, "", "pool", items, meta, encode, "pool: encoding items", progress and d.main)
     with torch.inference_mode():
         e, m = text.encode_batch([""])
-    return Pool(size, tc.batch, d.world, torch.cat(lat), torch.cat(tok), offsets, e[0][m[0]].float().cpu())
+    return Pool(size, tc.batch, d.world, torch.cat([x["latents"] for x in shards]),
+                torch.cat([x["tokens"] for x in shards]), offsets_of(torch.cat([x["lengths"] for x in shards])),
+                e[0][m[0]].float().cpu())

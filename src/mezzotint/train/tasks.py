@@ -220,9 +220,9 @@ class UNetTask(Task):
         pairs = [i for i, (n, d) in enumerate(zip(neg, dropped)) if n is not None and not d and t[i] >= low]
         if not pairs:
             return [], ctx, mask
-        from .contrast import pad
+        from .pool import pad
         rows = [c[m] for c, m in zip(ctx.cpu(), mask.cpu())] + [neg[i].float() for i in pairs]
-        ctx, mask = pad(rows, max(r.shape[0] for r in rows))
+        ctx, mask = pad(rows)
         return pairs, ctx, mask
 
     def export(self, folder: Path, ema_model):
