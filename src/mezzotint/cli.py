@@ -126,6 +126,10 @@ def add_training_args(p: argparse.ArgumentParser, unet: bool) -> None:
         p.add_argument("--positions", type=int, metavar="N",
                        help="feed every transformer 2-D positions (N sinusoid frequencies an axis); with "
                             "--init, adds them without changing the output at step 0")
+        p.add_argument("--layout", type=int, metavar="N",
+                       help="a layout prior: a cross-attention from 2-D positions (N sinusoid frequencies "
+                            "an axis) to the text, added to the first feature map; with --init, adds it "
+                            "without changing the output at step 0")
         p.add_argument("--zero-terminal-snr", action="store_true",
                        help="rescale the noise schedule to end at pure noise (Lin et al. 2024; v-prediction "
                             "only), so the prompt, not leftover signal in the noise, decides the layout")

@@ -52,7 +52,7 @@ def train_vae(tc: TrainConfig, preset: str = "shapes", init: str | None = None,
 def train_unet(tc: TrainConfig, preset: str = "shapes", vae: str | None = None, init: str | None = None,
                prediction: str | None = None, stop_after: int | None = None,
                attention_levels: tuple[int, ...] | None = None, context_layers: int | None = None,
-               zero_snr: bool = False, positions: int | None = None) -> Path:
+               zero_snr: bool = False, positions: int | None = None, layout: int | None = None) -> Path:
 
     from .. import checkpoints
     from ..data import open_dataset
@@ -62,8 +62,9 @@ def train_unet(tc: TrainConfig, preset: str = "shapes", vae: str | None = None, 
     d = Dist.from_env()
     torch.manual_seed(tc.seed)  # the initial weights
     run = Path(tc.run)
-    if positions is not None and positions < 0:
-        raise ValueError(f"--positions must be >= 0, got {positions}")
+    for flag, n in (("--positions", positions), ("--layout", layout)):
+        if n is not None and n < 0:
+            raise ValueError(f"{flag} must be >= 0, got {n}")
     if context_layers is not None and context_layers < 0:
         raise ValueError(f"--context-layers must be >= 0, got {context_layers}")
     if init:
@@ -76,6 +77,9 @@ def train_unet(tc: TrainConfig, preset: str = "shapes", vae: str | None = None, 
             cfg = dataclasses.replace(cfg, unet=unet.cfg)
         if positions is not None and positions != cfg.unet.positions:
             unet = grow_positions(unet, positions)
+            cfg = dataclasses.replace(cfg, unet=unet.cfg)
+        if layout is not None and layout != cfg.unet.layout:
+            unet = grow_layout(unet, layout)
             cfg = dataclasses.replace(cfg, unet=unet.cfg)
         if zero_snr:
             cfg = dataclasses.replace(cfg, scheduler=dataclasses.replace(cfg.scheduler, rescale_betas_zero_snr=True))
@@ -95,6 +99,8 @@ def train_unet(tc: TrainConfig, preset: str = "shapes", vae: str | None = None, 
                 c = dataclasses.replace(c, unet=dataclasses.replace(c.unet, context_layers=context_layers))
             if positions is not None:
                 c = dataclasses.replace(c, unet=dataclasses.replace(c.unet, positions=positions))
+            if layout is not None:
+                c = dataclasses.replace(c, unet=dataclasses.replace(c.unet, layout=layout))
             sched = c.scheduler if prediction is None else dataclasses.replace(c.scheduler, prediction_type=prediction)
             if zero_snr:
                 sched = dataclasses.replace(sched, rescale_betas_zero_snr=True)
@@ -186,6 +192,20 @@ def grow_positions(unet, n: int):
         for name in new:
             grown.get_submodule(name).weight.zero_()
             grown.get_submodule(name).bias.zero_()
+    return grown.to(next(unet.parameters()).dtype)
+
+
+def grow_layout(unet, n: int):
+    """The same UNet with a layout prior (n position frequencies an axis), computing the same
+    function at first: its output projection starts at zero."""
+    have = unet.cfg.layout
+    if have:
+        raise ValueError(f"--layout: the model already has a layout prior ({have} frequencies an axis)")
+    grown, new = _grown(unet, dataclasses.replace(unet.cfg, layout=n), r"(layout)\.")
+    with torch.no_grad():
+        out = grown.layout.attn2.to_out[0]
+        out.weight.zero_()
+        out.bias.zero_()
     return grown.to(next(unet.parameters()).dtype)
 
 

@@ -1,0 +1,95 @@
+"""The layout prior (`train --layout N`): a cross-attention from the cells' positions alone to
+the text, added to the UNet's first feature map. Grown onto a trained UNet it changes nothing
+at first; the grounding loss can teach it to send a word to its side of the image; traces and
+split passes give its eager bits."""
+import pytest
+import torch
+
+from mezzotint import graphs
+from mezzotint.checkpoints import ModelError
+from mezzotint.config import PRESETS, ModelConfig
+from mezzotint.sd.dconfig import diffusers_configs
+from mezzotint.train import grow_layout
+from mezzotint.train.grounding import attention_loss, recording
+from mezzotint.unet import UNet
+
+from test_grow import trained_like_unet
+
+
+def _inputs(batch=2, length=5):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 4, 8, 8, generator=g)
+    context = torch.randn(batch, length, 384, generator=g)
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    mask[0, -2:] = False
+    return x, torch.tensor([10.0, 700.0])[:batch], context, mask
+
+
+def test_grown_layout_computes_the_same_function_and_refuses_a_second():
+    unet = trained_like_unet()
+    grown = grow_layout(unet, 4).eval()
+    assert grown.cfg.layout == 4 and unet.cfg.layout == 0
+    x, t, c, m = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(grown(x, t, c, m), unet(x, t, c, m), rtol=0, atol=0)
+    grown.train()(x, t, c, m).square().mean().backward()
+    assert grown.layout.attn2.to_out[0].weight.grad.abs().sum() > 0  # the zero projection learns
+    with pytest.raises(ValueError, match="already has a layout prior"):
+        grow_layout(grown, 4)
+    with pytest.raises(ModelError, match="layout prior"):  # no diffusers form
+        diffusers_configs(ModelConfig(unet=grown.cfg))
+
+
+def test_grounding_teaches_the_layout_to_send_each_word_to_its_side():
+    # two "words" (random token vectors, swapped in half the prompts): the first one's object
+    # is on the left, the second's on the right. Only the word order says which goes where.
+    torch.manual_seed(0)
+    unet = UNet(PRESETS["tiny"].unet.__class__(**{**PRESETS["tiny"].unet.__dict__, "layout": 4})).train()
+    words = torch.randn(2, 384)
+    left = torch.zeros(8, 8)
+    left[:, :3] = 1
+    opt = torch.optim.Adam(unet.layout.parameters(), 1e-2)
+
+    def batch(n=16):
+        order = torch.randint(0, 2, (n,))
+        ctx = torch.stack([torch.stack([words[o], words[1 - o]]) for o in order.tolist()])
+        ctx = ctx + 0.1 * torch.randn_like(ctx) + torch.tensor([1.0, -1.0])[None, :, None] * 0.5  # place in the prompt
+        target = torch.stack([left, left.flip(1)])[None].expand(n, 2, 8, 8)  # token 0 left, token 1 right
+        return ctx, target
+
+    def loss(ctx, target):
+        with recording(unet) as maps:
+            unet(torch.randn(len(ctx), 4, 8, 8), torch.full((len(ctx),), 999.0), ctx)
+        ours = [w for w in maps if w.shape[2] == 64 and w.shape[3] == 2]
+        return attention_loss(ours[-1:], target), ours[-1]  # the layout's map (its own 8x8 x 2 tokens)
+
+    first = float(loss(*batch())[0].detach())
+    for _ in range(150):
+        opt.zero_grad()
+        loss(*batch())[0].backward()
+        opt.step()
+    with torch.no_grad():
+        final, w = loss(*batch(64))
+    assert float(final) < 0.5 * first
+    w = w[:, 0].reshape(-1, 8, 8, 2)  # (B, row, column, token)
+    share_left = w[:, :, :3].sum((1, 2)) / w.sum((1, 2))  # (B, token)
+    assert float(share_left[:, 0].min()) > 0.6 > 0.15 > float(share_left[:, 1].max())  # uniform: 0.375
+
+
+def test_layout_model_traced_and_split_equal_eager():
+    torch.manual_seed(0)
+    unet = grow_layout(trained_like_unet(), 4).eval()
+    with torch.no_grad():
+        unet.layout.attn2.to_out[0].weight.normal_()  # make it matter
+    graphs.allow(unet)
+    x, _, c, m = _inputs()
+    t = torch.full((2,), 321.0)
+    with torch.inference_mode():
+        ref = unet._forward(x, t[:1], c, m)
+        assert graphs.usable(unet, x)
+        out, again = unet(x, t, c, m), unet(x, t, c, m)
+        other = unet(x, t, torch.randn_like(c), m)
+        assert torch.equal(out, ref) and torch.equal(again, ref)
+        assert not torch.equal(other, ref)  # the text goes in as an input, not a constant
+        one = unet(x[1:], t[1:], c[1:], m[1:])
+    assert torch.equal(one, ref[1:])  # a row alone gives its bits in the batch
