@@ -93,3 +93,33 @@ def test_layout_model_traced_and_split_equal_eager():
         assert not torch.equal(other, ref)  # the text goes in as an input, not a constant
         one = unet(x[1:], t[1:], c[1:], m[1:])
     assert torch.equal(one, ref[1:])  # a row alone gives its bits in the batch
+
+
+def test_new_lr_trains_grown_modules_faster_and_a_rerun_must_keep_it(tmp_path, capsys):
+    import json
+
+    from mezzotint.checkpoints import save_vae
+    from mezzotint.cli import main
+    from mezzotint.train.loop import param_groups
+    from mezzotint.vae import AutoencoderKL
+
+    from test_grow import FAST
+    grown = grow_layout(trained_like_unet(), 4)
+    old, new = param_groups(grown, 10.0)
+    assert new["scale"] == 10.0 and {id(p) for p in new["params"]} == {id(p) for p in grown.layout.parameters()}
+    assert len(old["params"]) + len(new["params"]) == len(list(grown.parameters()))
+    assert len(param_groups(grown, 1.0)) == 1 and len(param_groups(trained_like_unet(), 10.0)) == 1
+
+    vae = save_vae(tmp_path / "vae", AutoencoderKL(PRESETS["tiny"].vae), PRESETS["tiny"].vae)
+    assert main(["train", "--run-dir", str(tmp_path / "base"), "--preset", "tiny", "--vae", str(vae),
+                 "--steps", "2"] + FAST) == 0
+    grow = ["train", "--run-dir", str(tmp_path / "grown"), "--init", str(tmp_path / "base" / "model"),
+            "--layout", "2", "--warmup", "0"]
+    assert main(grow + ["--steps", "2", "--new-lr", "5"] + FAST) == 0
+    groups = json.loads((tmp_path / "grown" / "checkpoints" / "step-00000002" / "train_state.json").read_text())
+    lrs = [g["lr"] for g in groups["optimizer"]["param_groups"]]
+    assert len(lrs) == 2 and lrs[1] == pytest.approx(5 * lrs[0])
+    assert main(grow + ["--steps", "4"] + FAST) == 2  # a rerun with another --new-lr is refused
+    assert "--new-lr" in capsys.readouterr().err
+    assert main(grow + ["--steps", "4", "--new-lr", "5"] + FAST) == 0  # the same options resume
+    assert main(grow + ["--steps", "4", "--new-lr", "0"] + FAST) == 2

@@ -147,6 +147,7 @@ class TrainConfig:
     lr: float = 2e-4  # AdamW peak learning rate
     warmup: int = 200  # linear warm-up steps, then cosine decay to lr_min
     lr_min: float = 0.1  # final learning rate as a fraction of lr
+    new_lr: float = 1.0  # with --init: learning-rate multiplier of the modules this run grows (zero-started)
     weight_decay: float = 0.0  # AdamW weight decay
     clip: float = 1.0  # gradient norm clip (0 = off)
     ema: float = 0.999  # EMA decay of the weights that get saved as the model

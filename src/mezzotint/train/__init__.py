@@ -220,4 +220,6 @@ def _grown(unet, cfg, new_key: str):
     new = {re.match(new_key, k) for k in result.missing_keys}
     if None in new:
         raise ValueError("cannot grow: keys besides the new modules are missing")
-    return grown, sorted(m.group(1) for m in new)
+    names = sorted({m.group(1) for m in new})
+    grown.grown = getattr(unet, "grown", ()) + tuple(names)  # for --new-lr (train/loop.py)
+    return grown, names

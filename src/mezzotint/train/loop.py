@@ -104,6 +104,22 @@ class Task:
         raise NotImplementedError
 
 
+def param_groups(model: torch.nn.Module, new_lr: float) -> list[dict]:
+    """The trainable parameters, those of modules grown onto an --init model (zero-started, so
+    they have everything to learn while the rest is nearly right) apart, at new_lr times the rate."""
+    grown = tuple(f"{m}." for m in getattr(model, "grown", ()))
+    old, new = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (new if grown and name.startswith(grown) else old).append(p)
+    groups = [{"params": old, "scale": 1.0}]
+    if new and new_lr != 1.0:
+        groups.append({"params": new, "scale": new_lr})
+    else:
+        old += new
+    return groups
+
+
 def _autocast(tc: TrainConfig, device: torch.device):
     if tc.precision == "fp32":
         return torch.autocast(device.type, enabled=False)
@@ -123,8 +139,10 @@ def train(task: Task, dataset, tc: TrainConfig, d: Dist, progress: bool = True,
         torch.set_num_threads(tc.threads)
     model = task.model.to(d.device).train()
     ema = state.EMA(model, tc.ema)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.999))
+    groups = param_groups(model, tc.new_lr)
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay,
+                            betas=(0.9, 0.999))
     step = 0
     last = state.latest(run)
     if last is not None:
@@ -162,7 +180,7 @@ def train(task: Task, dataset, tc: TrainConfig, d: Dist, progress: bool = True,
     while step < end:
         lr = lr_at(step, tc)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("scale", 1.0)
         total, terms = 0.0, {}
         for micro in range(tc.accum):
             idx = batch_indices(step, micro, tc, d)

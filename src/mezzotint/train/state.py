@@ -80,6 +80,9 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> Non
     for key, v in meta["scalars"].items():
         pid, name = key.split(".", 1)
         state.setdefault(int(pid), {})[name] = v
+    if len(meta["param_groups"]) != len(opt.param_groups):
+        raise ValueError(f"the checkpoint's optimizer has {len(meta['param_groups'])} parameter group(s), these "
+                         f"options give {len(opt.param_groups)}: rerun with the --new-lr the run started with")
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
