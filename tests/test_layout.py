@@ -123,3 +123,37 @@ def test_new_lr_trains_grown_modules_faster_and_a_rerun_must_keep_it(tmp_path, c
     assert "--new-lr" in capsys.readouterr().err
     assert main(grow + ["--steps", "4", "--new-lr", "5"] + FAST) == 0  # the same options resume
     assert main(grow + ["--steps", "4", "--new-lr", "0"] + FAST) == 2
+
+
+def test_layout_fit_before_training_and_the_average_keeps_it(tmp_path, capsys):
+    import re
+
+    from mezzotint import Pipeline
+    from mezzotint.checkpoints import save_vae
+    from mezzotint.cli import main
+    from mezzotint.data.shapes import ShapesDataset
+    from mezzotint.train.grounding import Grounding, fit_layout
+    from mezzotint.vae import AutoencoderKL
+    vae = save_vae(tmp_path / "vae", AutoencoderKL(PRESETS["tiny"].vae), PRESETS["tiny"].vae)
+    run = ["train", "--run-dir", str(tmp_path / "a"), "--preset", "tiny", "--vae", str(vae), "--size", "32",
+           "--attention-levels", "0,1", "--layout", "2", "--attention-loss", "1e-3", "--batch", "4", "--pool", "64",
+           "--steps", "2", "--log-every", "1", "--sample-every", "0", "--threads", "1", "--ckpt-every", "2"]
+    assert main(run + ["--layout-fit", "60"]) == 0
+    fit = [float(x) for x in re.findall(r"layout fit: step \d+, grounding loss ([\d.]+)", capsys.readouterr().err)]
+    assert len(fit) >= 2 and fit[-1] < fit[0]
+
+    def layout_loss(folder):  # the grounding loss of a model's layout prior on fixed items (lr 0: no change)
+        pipe = Pipeline.load(folder)
+        ds = ShapesDataset(32, seed=0)
+        grounding = Grounding(ds, pipe.text.tokenizer, 8, (0, 1))
+        def contexts(items):
+            return [t.clone() for t in pipe.text.encode_batch([ds.example(i)[2] for i in items])]
+        return fit_layout(pipe.unet.requires_grad_(True), grounding, contexts, 64, 1, 0, lr=0.0)[0]
+    plain = tmp_path / "plain"
+    assert main([*run[:2], str(plain), *run[3:]]) == 0  # the same run without the fit
+    assert layout_loss(tmp_path / "a" / "model") < layout_loss(plain / "model") - 0.02  # the export has the fit
+    assert main(run + ["--layout-fit", "-1"]) == 2
+    k = run.index("--layout")
+    no_layout = run[:k] + run[k + 2:]
+    assert main([*no_layout[:2], str(tmp_path / "c"), *no_layout[3:], "--layout-fit", "5"]) == 2
+    assert "needs a UNet with a layout prior" in capsys.readouterr().err

@@ -32,6 +32,8 @@ def _train_config(args):
     tc = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
     if tc.steps < 1 or tc.batch < 1 or tc.accum < 1:
         raise UsageError("--steps, --batch and --accum must be >= 1")
+    if tc.layout_fit < 0:
+        raise UsageError(f"--layout-fit is a number of steps >= 0, got {tc.layout_fit}")
     if tc.new_lr <= 0:
         raise UsageError(f"--new-lr is a learning-rate multiplier > 0, got {tc.new_lr}")
     if tc.snr_gamma < 0 or tc.snr_floor < 0:

@@ -156,6 +156,8 @@ def train(task: Task, dataset, tc: TrainConfig, d: Dist, progress: bool = True,
     end = tc.steps if stop_after is None else min(tc.steps, step + stop_after)
     if step < end:
         task.prepare(run, d, dataset)
+        if last is None:  # what prepare did to the weights (train --layout-fit) starts the average
+            ema = state.EMA(model, tc.ema)
     net = model
     if d.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(

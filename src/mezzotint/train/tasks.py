@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import random
+import sys
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from ..vae import AutoencoderKL, to_uint8, to_unit
 from ..diffusion.noise import randn
 from .grounding import attention_loss, recording
 from .loop import Task, item_generators
+from .state import latest
 
 
 def edge_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -145,6 +147,30 @@ class UNetTask(Task):
             if self.tc.contrast:
                 from .contrast import build_negatives
                 self.negatives = build_negatives(run / "pool", self.pool, dataset, self.text, self.tc, d)
+        if self.tc.layout_fit and latest(run) is None:
+            self._fit_layout(dataset, d)
+
+    def _fit_layout(self, dataset, d):
+        from .grounding import Grounding, fit_layout
+        if not self.cfg.unet.layout:
+            raise ValueError("--layout-fit needs a UNet with a layout prior (--layout N)")
+        grounding = self.grounding or Grounding(dataset, self.text.tokenizer, self.tc.size // self.vae.cfg.factor,
+                                                self.cfg.unet.attention_levels)
+        if self.pool is not None and d.world == 1:  # a rank's pool holds its own items only
+            def contexts(items):
+                return self.pool.get(items, [False] * len(items), "cpu")[1:]
+            size = self.pool.size
+        else:
+            def contexts(items):
+                with torch.no_grad():
+                    return self.text.encode_batch([dataset.example(i)[2] for i in items])
+            size = 1 << 30
+
+        def log(step, loss):
+            if d.main:
+                print(f"layout fit: step {step}, grounding loss {loss:.4f}", file=sys.stderr)
+        # the same items and captions on every rank: the fitted weights agree without a collective
+        fit_layout(self.model, grounding, contexts, size, self.tc.layout_fit, self.tc.seed, log=log)
 
     def fetch(self, dataset, indices):
         if self.pool is not None:
