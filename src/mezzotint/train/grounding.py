@@ -141,7 +141,8 @@ def fit_layout(unet, grounding: Grounding, contexts, size: int, steps: int, seed
     g = torch.Generator().manual_seed(seed)
     maps: list[torch.Tensor] = []
     layout.attn2.probe = maps.append
-    res = grounding.res
+    dev = layout.pos_in.weight.device
+    blank = torch.zeros(batch, layout.pos_in.out_features, grounding.res, grounding.res, device=dev)
     first = last = 0.0
     try:
         for step in range(steps):
@@ -149,15 +150,14 @@ def fit_layout(unet, grounding: Grounding, contexts, size: int, steps: int, seed
             ctx, mask = contexts(items)
             target = grounding.targets(items, [False] * batch, mask.sum(1).tolist())
             maps.clear()
-            ch = layout.pos_in.out_features
-            dev = layout.pos_in.weight.device
-            layout(torch.zeros(batch, ch, res, res, device=dev), ctx.to(dev), mask.to(dev))
+            layout(blank, ctx.to(dev), mask.to(dev))  # only its attention map is used
             loss = attention_loss(maps, target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             last = loss.item()
-            first = first or last
+            if step == 0:
+                first = last
             if log is not None and (step % 50 == 0 or step == steps - 1):
                 log(step, last)
     finally:

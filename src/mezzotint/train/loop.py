@@ -141,8 +141,7 @@ def train(task: Task, dataset, tc: TrainConfig, d: Dist, progress: bool = True,
     ema = state.EMA(model, tc.ema)
     groups = param_groups(model, tc.new_lr)
     params = [p for g in groups for p in g["params"]]
-    opt = torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay,
-                            betas=(0.9, 0.999))
+    opt = torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.999))
     step = 0
     last = state.latest(run)
     if last is not None:
