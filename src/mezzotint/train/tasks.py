@@ -135,10 +135,16 @@ class UNetTask(Task):
         return UNet(self.cfg.unet)
 
     def prepare(self, run: Path, d, dataset):
-        if self.tc.attention_loss:
+        # options checked before the pool is built (minutes), not after
+        if self.tc.layout_fit and not self.cfg.unet.layout:
+            raise ValueError("--layout-fit needs a UNet with a layout prior (--layout N)")
+        grounding = None
+        if self.tc.attention_loss or self.tc.layout_fit:
             from .grounding import Grounding
-            self.grounding = Grounding(dataset, self.text.tokenizer, self.tc.size // self.vae.cfg.factor,
-                                       self.cfg.unet.attention_levels)
+            grounding = Grounding(dataset, self.text.tokenizer, self.tc.size // self.vae.cfg.factor,
+                                  self.cfg.unet.attention_levels)
+        if self.tc.attention_loss:
+            self.grounding = grounding
         if self.tc.contrast and not isinstance(dataset, ShapesDataset):
             raise ValueError("--contrast needs --data shapes (it swaps facts of Shapes captions)")
         if self.tc.pool:
@@ -148,14 +154,10 @@ class UNetTask(Task):
                 from .contrast import build_negatives
                 self.negatives = build_negatives(run / "pool", self.pool, dataset, self.text, self.tc, d)
         if self.tc.layout_fit and latest(run) is None:
-            self._fit_layout(dataset, d)
+            self._fit_layout(dataset, d, grounding)
 
-    def _fit_layout(self, dataset, d):
-        from .grounding import Grounding, fit_layout
-        if not self.cfg.unet.layout:
-            raise ValueError("--layout-fit needs a UNet with a layout prior (--layout N)")
-        grounding = self.grounding or Grounding(dataset, self.text.tokenizer, self.tc.size // self.vae.cfg.factor,
-                                                self.cfg.unet.attention_levels)
+    def _fit_layout(self, dataset, d, grounding):
+        from .grounding import fit_layout
         if self.pool is not None and d.world == 1:  # a rank's pool holds its own items only
             def contexts(items):
                 return self.pool.get(items, [False] * len(items), "cpu")[1:]
