@@ -2,6 +2,8 @@
 the text, added to the UNet's first feature map. Grown onto a trained UNet it changes nothing
 at first; the grounding loss can teach it to send a word to its side of the image; traces and
 split passes give its eager bits."""
+import re
+
 import pytest
 import torch
 
@@ -147,7 +149,7 @@ def test_layout_fit_before_training_and_the_average_keeps_it(tmp_path, capsys):
         ds = ShapesDataset(32, seed=0)
         grounding = Grounding(ds, pipe.text.tokenizer, 8, (0, 1))
         def contexts(items):
-            return [t.clone() for t in pipe.text.encode_batch([ds.example(i)[2] for i in items])]
+            return None, *[t.clone() for t in pipe.text.encode_batch([ds.example(i)[2] for i in items])]
         return fit_layout(pipe.unet.requires_grad_(True), grounding, contexts, 64, 1, 0, lr=0.0)[0]
     plain = tmp_path / "plain"
     assert main([*run[:2], str(plain), *run[3:]]) == 0  # the same run without the fit
@@ -157,3 +159,33 @@ def test_layout_fit_before_training_and_the_average_keeps_it(tmp_path, capsys):
     no_layout = run[:k] + run[k + 2:]
     assert main([*no_layout[:2], str(tmp_path / "c"), *no_layout[3:], "--layout-fit", "5"]) == 2
     assert "needs a UNet with a layout prior" in capsys.readouterr().err
+
+
+def test_layout_target_makes_the_prior_paint_the_mean_latent(tmp_path, capsys):
+    import json
+
+    from mezzotint.checkpoints import save_vae
+    from mezzotint.cli import main
+    from mezzotint.train.grounding import layout_target_loss
+    from mezzotint.vae import AutoencoderKL
+    delta = torch.zeros(2, 6, 4, 4)
+    delta[:, :3] = 1.0
+    assert float(layout_target_loss(delta, torch.ones(2, 3, 4, 4))) == 0.0  # only the first C channels count
+    vae = save_vae(tmp_path / "vae", AutoencoderKL(PRESETS["tiny"].vae), PRESETS["tiny"].vae)
+    run = ["train", "--preset", "tiny", "--vae", str(vae), "--size", "32", "--attention-levels", "0,1",
+           "--layout", "2", "--attention-loss", "1e-3", "--batch", "4", "--pool", "64", "--log-every", "1",
+           "--sample-every", "0", "--threads", "1", "--ckpt-every", "100", "--layout-target", "1"]
+    # the fit, with the mean latent as a target besides the grounding: its loss falls
+    assert main(run + ["--run-dir", str(tmp_path / "a"), "--steps", "1", "--layout-fit", "80"]) == 0
+    err = capsys.readouterr().err
+    fit = [float(x) for x in re.findall(r"layout fit: step \d+, grounding loss ([\d.]+)", err)]
+    assert fit[-1] < 0.7 * fit[0]
+    # in training the term is logged apart
+    assert main(run + ["--run-dir", str(tmp_path / "b"), "--steps", "3"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert all(r["layout_target_loss"] > 0 for r in rows if "loss" in r)
+    k = run.index("--layout")
+    no_layout = run[:k] + run[k + 2:]
+    assert main(no_layout + ["--run-dir", str(tmp_path / "c"), "--steps", "1"]) == 2
+    assert "--layout-target needs a UNet with a layout prior" in capsys.readouterr().err
+    assert main(run + ["--run-dir", str(tmp_path / "d"), "--steps", "1", "--layout-target", "-1"]) == 2

@@ -34,6 +34,8 @@ def _train_config(args):
         raise UsageError("--steps, --batch and --accum must be >= 1")
     if tc.layout_fit < 0:
         raise UsageError(f"--layout-fit is a number of steps >= 0, got {tc.layout_fit}")
+    if tc.layout_target < 0:
+        raise UsageError(f"--layout-target is a loss weight >= 0, got {tc.layout_target}")
     if tc.new_lr <= 0:
         raise UsageError(f"--new-lr is a learning-rate multiplier > 0, got {tc.new_lr}")
     if tc.snr_gamma < 0 or tc.snr_floor < 0:

@@ -167,6 +167,7 @@ class TrainConfig:
     pool: int = 0  # UNet only: encode this many items once and cycle over them (0 = encode every batch)
     attention_loss: float = 0.0  # UNet on the Shapes world only: weight of the grounded cross-attention loss
     layout_fit: int = 0  # UNet with --layout, Shapes world: fit the layout prior's attention to the grounding first (steps)
+    layout_target: float = 0.0  # UNet with --layout: weight of the loss that makes the prior's first channels the mean latent
     contrast: float = 0.0  # UNet on the Shapes world only: weight of the caption-contrast loss (train/contrast.py)
     contrast_beta: float = 500.0  # its inverse temperature on x0 errors (caption effects are ~1e-3)
     contrast_from: float = 0.0  # it applies to timesteps from this share of the schedule up (0 = all)

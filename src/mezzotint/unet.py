@@ -103,10 +103,15 @@ class LayoutPrior(nn.Module):
         self.pos_in = Linear(4 * n, ch)
         self.attn2 = Attention(ch, heads, ch // heads, context_dim=context_dim)
 
+    probe = None  # training (--layout-target): called with what the prior adds, (B, ch, H, W)
+
     def forward(self, h, context, mask=None):
         B, _, H, W = h.shape
         q = self.pos_in(grid_features(H, W, self.n, h.device, h.dtype)).expand(B, -1, -1)
-        return h + self.attn2(q, context, mask).unflatten(1, (H, W)).permute(0, 3, 1, 2)
+        delta = self.attn2(q, context, mask).unflatten(1, (H, W)).permute(0, 3, 1, 2)
+        if self.probe is not None:
+            self.probe(delta)
+        return h + delta
 
 
 class SpatialTransformer(nn.Module):

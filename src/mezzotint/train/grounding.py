@@ -128,15 +128,25 @@ def recording(unet: torch.nn.Module):
             m.probe = None
 
 
+def layout_target_loss(delta: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """MSE between the layout prior's first C output channels and the clean latent (C channels):
+    the prior sees no pixel, so its best answer is the caption's mean latent, a rough image of
+    where the prompt puts what. Copying it is then what the UNet's first step must do."""
+    return torch.nn.functional.mse_loss(delta[:, :x0.shape[1]].float(), x0.float())
+
+
 def fit_layout(unet, grounding: Grounding, contexts, size: int, steps: int, seed: int, batch: int = 128,
-               lr: float = 3e-3, log=None) -> tuple[float, float]:
+               lr: float = 3e-3, log=None, target: float = 0.0) -> tuple[float, float]:
     """Fit a layout prior's attention (its queries and keys) to the grounding targets alone,
     before the UNet trains: the layout depends on the text only, so this needs no image and
     no UNet pass, and it learns in minutes what a UNet batch, with a few relation captions
-    in it, teaches over hours. contexts(items) -> (context, mask) of those items' captions;
-    items are drawn from range(size). Returns the loss before and after."""
+    in it, teaches over hours. contexts(items) -> (latents or None, context, mask) of those
+    items; items are drawn from range(size). With target > 0 its values and output are fitted
+    too, to the mean latent (layout_target_loss, that weight). Returns the loss before and after."""
     layout = unet.layout
     params = [*layout.pos_in.parameters(), *layout.attn2.to_q.parameters(), *layout.attn2.to_k.parameters()]
+    if target:
+        params += [*layout.attn2.to_v.parameters(), *layout.attn2.to_out.parameters()]
     opt = torch.optim.Adam(params, lr)
     g = torch.Generator().manual_seed(seed)
     maps: list[torch.Tensor] = []
@@ -147,11 +157,13 @@ def fit_layout(unet, grounding: Grounding, contexts, size: int, steps: int, seed
     try:
         for step in range(steps):
             items = torch.randint(0, size, (batch,), generator=g).tolist()
-            ctx, mask = contexts(items)
-            target = grounding.targets(items, [False] * batch, mask.sum(1).tolist())
+            x0, ctx, mask = contexts(items)
+            target_maps = grounding.targets(items, [False] * batch, mask.sum(1).tolist())
             maps.clear()
-            layout(blank, ctx.to(dev), mask.to(dev))  # only its attention map is used
-            loss = attention_loss(maps, target)
+            delta = layout(blank, ctx.to(dev), mask.to(dev))  # the input is zero: this is what it adds
+            loss = attention_loss(maps, target_maps)
+            if target:
+                loss = loss + target * layout_target_loss(delta, x0.to(dev))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

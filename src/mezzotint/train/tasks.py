@@ -136,8 +136,12 @@ class UNetTask(Task):
 
     def prepare(self, run: Path, d, dataset):
         # options checked before the pool is built (minutes), not after
-        if self.tc.layout_fit and not self.cfg.unet.layout:
-            raise ValueError("--layout-fit needs a UNet with a layout prior (--layout N)")
+        for flag, on in (("--layout-fit", self.tc.layout_fit), ("--layout-target", self.tc.layout_target)):
+            if on and not self.cfg.unet.layout:
+                raise ValueError(f"{flag} needs a UNet with a layout prior (--layout N)")
+        if self.tc.layout_target and self.cfg.unet.channels < self.cfg.unet.out_channels:
+            raise ValueError(f"--layout-target writes the {self.cfg.unet.out_channels} latent channels into the "
+                             f"prior's first {self.cfg.unet.channels}: too few")
         grounding = None
         if self.tc.attention_loss or self.tc.layout_fit:
             from .grounding import Grounding
@@ -158,21 +162,29 @@ class UNetTask(Task):
 
     def _fit_layout(self, dataset, d, grounding):
         from .grounding import fit_layout
+        want = bool(self.tc.layout_target)
         if self.pool is not None and d.world == 1:  # a rank's pool holds its own items only
             def contexts(items):
-                return self.pool.get(items, [False] * len(items), "cpu")[1:]
+                x0, ctx, mask = self.pool.get(items, [False] * len(items), "cpu")
+                return x0 if want else None, ctx, mask
             size = self.pool.size
         else:
             def contexts(items):
                 with torch.no_grad():
-                    return self.text.encode_batch([dataset.example(i)[2] for i in items])
+                    examples = [dataset.example(i) for i in items]
+                    x0 = None
+                    if want:
+                        images = torch.stack([dataset[i][0] for i in items]).to(self.device)
+                        x0 = self.vae.encode(to_unit(images)).cpu()
+                    return (x0, *self.text.encode_batch([e[2] for e in examples]))
             size = 1 << 30
 
         def log(step, loss):
             if d.main:
                 print(f"layout fit: step {step}, grounding loss {loss:.4f}", file=sys.stderr)
         # the same items and captions on every rank: the fitted weights agree without a collective
-        fit_layout(self.model, grounding, contexts, size, self.tc.layout_fit, self.tc.seed, log=log)
+        fit_layout(self.model, grounding, contexts, size, self.tc.layout_fit, self.tc.seed, log=log,
+                   target=self.tc.layout_target)
 
     def fetch(self, dataset, indices):
         if self.pool is not None:
@@ -201,8 +213,15 @@ class UNetTask(Task):
         pairs, ctx, mask = self._swapped(indices, captions, dropped, ctx, mask, t)
         if pairs:  # the swapped captions' rows ride in the same forward (one DDP pass)
             xt, t = torch.cat([xt, xt[pairs]]), torch.cat([t, t[pairs]])
-        with recording(net) if self.grounding else contextlib.nullcontext() as maps:
-            pred = net(xt, t.float(), ctx.to(x0.device), mask.to(x0.device)).float()
+        added = []
+        if self.tc.layout_target:
+            self.model.layout.probe = added.append
+        try:
+            with recording(net) if self.grounding else contextlib.nullcontext() as maps:
+                pred = net(xt, t.float(), ctx.to(x0.device), mask.to(x0.device)).float()
+        finally:
+            if self.tc.layout_target:
+                self.model.layout.probe = None
         v = self.cfg.scheduler.prediction_type == "v"
         target = a.sqrt() * noise - (1 - a).sqrt() * x0 if v else noise
         mse = ((pred[:B] - target) ** 2).mean(dim=(1, 2, 3))
@@ -223,6 +242,11 @@ class UNetTask(Task):
             att = attention_loss([w[:B] for w in maps], target)
             self.terms["attention_loss"] = att.item()
             loss = loss + self.tc.attention_loss * att
+        if added:
+            from .grounding import layout_target_loss
+            lt = layout_target_loss(added[0][:B], x0)
+            self.terms["layout_target_loss"] = lt.item()
+            loss = loss + self.tc.layout_target * lt
         if self.terms:
             self.terms["diffusion_loss"] = per.mean().item()
         return loss
