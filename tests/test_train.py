@@ -224,6 +224,10 @@ def test_high_noise_share_of_timesteps():
     assert abs((plain >= 900).float().mean().item() - 0.1) < 0.02
     assert abs((high >= 900).float().mean().item() - 0.55) < 0.03  # 0.5 + 0.5 * 0.1
     assert bool((draws(1.0) >= 900).all()) and torch.equal(high, draws(0.5))
+    g = torch.Generator().manual_seed(0)
+    last = torch.cat([draw_timestep(g, 1000, 0.0, 0.3) for _ in range(4000)])
+    assert abs((last == 999).float().mean().item() - 0.3) < 0.03  # uniform draws give it 0.001
+    assert int(last.max()) == 999 and int(last.min()) >= 0
 
 
 def test_ddp_with_the_contrast_loss(tmp_path, tiny_vae):

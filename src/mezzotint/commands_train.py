@@ -46,6 +46,8 @@ def _train_config(args):
         raise UsageError("--contrast must be >= 0 and --contrast-beta > 0")
     if not 0 <= tc.high_noise <= 1:
         raise UsageError(f"--high-noise is a share in [0, 1], got {tc.high_noise}")
+    if not 0 <= tc.terminal <= 1:
+        raise UsageError(f"--terminal is a share in [0, 1], got {tc.terminal}")
     if tc.precision not in ("fp32", "bf16", "fp16"):
         raise UsageError(f"unknown precision {tc.precision!r}; allowed: fp32, bf16, fp16")
     from .config import PRESETS

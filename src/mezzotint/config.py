@@ -156,6 +156,7 @@ class TrainConfig:
     snr_gamma: float = 5.0  # min-SNR loss weighting (Hang et al. 2023); 0 = plain MSE
     snr_floor: float = 0.0  # x0-error weight at least this (truncated SNR, Salimans & Ho 2022); 0 = off
     high_noise: float = 0.0  # share of items whose timestep is drawn from the noisiest tenth instead
+    terminal: float = 0.0  # share of items trained at the last timestep itself (the sampler's first step)
     kl_weight: float = 1e-6  # VAE only: weight of the KL term
     edge_weight: float = 1.0  # VAE only: weight of the L1 loss on pixel differences (sharp edges)
     ckpt_every: int = 500  # steps between checkpoints

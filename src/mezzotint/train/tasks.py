@@ -106,13 +106,18 @@ def loss_weight(snr: torch.Tensor, gamma: float, floor: float, v: bool) -> torch
     return w / (snr + 1 if v else snr)
 
 
-def draw_timestep(g: torch.Generator, T: int, high_noise: float = 0.0) -> torch.Tensor:
+def draw_timestep(g: torch.Generator, T: int, high_noise: float = 0.0, terminal: float = 0.0) -> torch.Tensor:
     """One item's training timestep (1,): uniform, or with probability `high_noise` from the
-    noisiest tenth, where the prompt alone must decide the layout (a second draw, made only
-    when asked for, so runs without it keep their noise)."""
+    noisiest tenth, where the prompt alone must decide the layout, or with probability
+    `terminal` the last step itself, where a sampler with trailing spacing makes its first
+    call: uniform draws give it 1 item in 1000, so the model meets it almost untrained
+    (under a zero-terminal-SNR schedule it still read the layout off the noise). Each extra
+    draw is made only when asked for, so runs without it keep their noise."""
     t = torch.randint(0, T, (1,), generator=g)
     if high_noise and torch.rand(1, generator=g).item() < high_noise:
         t = torch.randint(T - T // 10, T, (1,), generator=g)
+    if terminal and torch.rand(1, generator=g).item() < terminal:
+        t = torch.full((1,), T - 1)
     return t
 
 
@@ -206,7 +211,7 @@ class UNetTask(Task):
                 ctx, mask = self.text.encode_batch(captions)
         B = x0.shape[0]
         gens = item_generators(self.tc.seed, indices)
-        t = torch.cat([draw_timestep(g, len(self.ac), self.tc.high_noise) for g in gens]).to(x0.device)
+        t = torch.cat([draw_timestep(g, len(self.ac), self.tc.high_noise, self.tc.terminal) for g in gens]).to(x0.device)
         noise = randn(x0.shape, gens, x0.device)
         a = self.ac[t].view(B, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise  # q(x_t | x_0)
