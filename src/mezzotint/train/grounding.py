@@ -142,7 +142,8 @@ def fit_layout(unet, grounding: Grounding, contexts, size: int, steps: int, seed
     no UNet pass, and it learns in minutes what a UNet batch, with a few relation captions
     in it, teaches over hours. contexts(items) -> (latents or None, context, mask) of those
     items; items are drawn from range(size). With target > 0 its values and output are fitted
-    too, to the mean latent (layout_target_loss, that weight). Returns the loss before and after."""
+    too, to the mean latent (layout_target_loss, that weight). log(step, grounding, target or
+    None) every 50 steps. Returns the (total) loss before and after."""
     layout = unet.layout
     params = [*layout.pos_in.parameters(), *layout.attn2.to_q.parameters(), *layout.attn2.to_k.parameters()]
     if target:
@@ -161,9 +162,11 @@ def fit_layout(unet, grounding: Grounding, contexts, size: int, steps: int, seed
             target_maps = grounding.targets(items, [False] * batch, mask.sum(1).tolist())
             maps.clear()
             delta = layout(blank, ctx.to(dev), mask.to(dev))  # the input is zero: this is what it adds
-            loss = attention_loss(maps, target_maps)
+            loss = ground = attention_loss(maps, target_maps)
+            mean = None
             if target:
-                loss = loss + target * layout_target_loss(delta, x0.to(dev))
+                mean = layout_target_loss(delta, x0.to(dev))
+                loss = loss + target * mean
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -171,7 +174,7 @@ def fit_layout(unet, grounding: Grounding, contexts, size: int, steps: int, seed
             if step == 0:
                 first = last
             if log is not None and (step % 50 == 0 or step == steps - 1):
-                log(step, last)
+                log(step, ground.item(), None if mean is None else mean.item())
     finally:
         layout.attn2.probe = None
     return first, last

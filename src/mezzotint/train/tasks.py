@@ -184,9 +184,10 @@ class UNetTask(Task):
                     return (x0, *self.text.encode_batch([e[2] for e in examples]))
             size = 1 << 30
 
-        def log(step, loss):
+        def log(step, loss, mean):
             if d.main:
-                print(f"layout fit: step {step}, grounding loss {loss:.4f}", file=sys.stderr)
+                more = "" if mean is None else f", mean-latent loss {mean:.4f}"
+                print(f"layout fit: step {step}, grounding loss {loss:.4f}{more}", file=sys.stderr)
         # the same items and captions on every rank: the fitted weights agree without a collective
         fit_layout(self.model, grounding, contexts, size, self.tc.layout_fit, self.tc.seed, log=log,
                    target=self.tc.layout_target)
