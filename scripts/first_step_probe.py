@@ -1,9 +1,12 @@
 """First-step probe: does the x0 prediction of a sampler's first step put the named objects
 on the named sides? For each canonical position prompt (judge.prompt_set; pairs of one
-colour left out) and S noises (one generator, seed 0), the guided x0 at sigmas[0] is decoded; each named colour's centroid is the palette-closeness
-weighted mean of the pixel coordinates; agreement = share where the centroids are ordered
-as the relation says. With "prior" last, what the layout prior adds is decoded instead (64x64 models).
-Usage: python scripts/first_step_probe.py MODEL [SEEDS] [CFG] [prior]"""
+colour left out) and S noises (one generator, seed 0), the guided x0 at sigmas[0] is
+decoded; each named colour's centroid is the palette-closeness weighted mean of the pixel
+coordinates; a case agrees when the centroids are ordered as the relation says. With
+"prior" last, what the layout prior adds is decoded instead (64x64 models).
+
+    python scripts/first_step_probe.py MODEL [S=4] [CFG=3] [prior]
+"""
 import sys
 
 import numpy as np
