@@ -180,6 +180,10 @@ def test_layout_target_makes_the_prior_paint_the_mean_latent(tmp_path, capsys):
     err = capsys.readouterr().err
     fit = [float(x) for x in re.findall(r"layout fit: step \d+, grounding loss [\d.]+, mean-latent loss ([\d.]+)", err)]
     assert len(fit) >= 2 and fit[-1] < 0.7 * fit[0]
+    k = run.index("--pool")
+    streamed = run[:k] + run[k + 2:]  # without a pool the fit encodes its own images
+    assert main(streamed + ["--run-dir", str(tmp_path / "s"), "--steps", "1", "--layout-fit", "2"]) == 0
+    assert "mean-latent loss" in capsys.readouterr().err
     # in training the term is logged apart
     assert main(run + ["--run-dir", str(tmp_path / "b"), "--steps", "3"]) == 0
     rows = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]

@@ -102,8 +102,7 @@ class LayoutPrior(nn.Module):
         self.n = n
         self.pos_in = Linear(4 * n, ch)
         self.attn2 = Attention(ch, heads, ch // heads, context_dim=context_dim)
-
-    probe = None  # training (--layout-target): called with what the prior adds, (B, ch, H, W)
+        self.probe = None  # training (--layout-target): called with what the prior adds, (B, ch, H, W)
 
     def forward(self, h, context, mask=None):
         B, _, H, W = h.shape

@@ -176,12 +176,11 @@ class UNetTask(Task):
         else:
             def contexts(items):
                 with torch.no_grad():
-                    examples = [dataset.example(i) for i in items]
-                    x0 = None
-                    if want:
-                        images = torch.stack([dataset[i][0] for i in items]).to(self.device)
-                        x0 = self.vae.encode(to_unit(images)).cpu()
-                    return (x0, *self.text.encode_batch([e[2] for e in examples]))
+                    if not want:
+                        return None, *self.text.encode_batch([dataset.example(i)[2] for i in items])
+                    images, captions = zip(*(dataset[i] for i in items))
+                    x0 = self.vae.encode(to_unit(torch.stack(images).to(self.device))).cpu()
+                    return x0, *self.text.encode_batch(list(captions))
             size = 1 << 30
 
         def log(step, loss, mean):
