@@ -95,3 +95,33 @@ def test_grown_positions_compute_the_same_function_then_learn_where_tokens_are(t
     from mezzotint.sd.dconfig import diffusers_configs
     with pytest.raises(ModelError, match="positions"):
         diffusers_configs(PRESETS["tiny"].__class__(unet=grown.cfg))
+
+
+def test_input_gate_grows_unchanged_and_can_shut_the_noise_out(tmp_path):
+    from mezzotint.checkpoints import ModelError
+    from mezzotint.config import ModelConfig
+    from mezzotint.sd.dconfig import diffusers_configs
+    from mezzotint.train import grow_input_gate
+    unet = trained_like_unet()
+    grown = grow_input_gate(unet).eval()
+    assert grown.cfg.input_gate and not unet.cfg.input_gate and grown.grown == ("input_gate",)
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 999.0]), torch.randn(2, 5, 384)
+    with torch.no_grad():
+        torch.testing.assert_close(grown(x, t, ctx), unet(x, t, ctx), rtol=0, atol=0)
+    grown.train()(x, t, ctx).square().mean().backward()
+    assert grown.input_gate.weight.grad.abs().sum() > 0
+    with torch.no_grad():  # a scale of 0: the output no longer depends on the noisy latent
+        grown.input_gate.bias.fill_(-1.0)
+        grown.eval()
+        assert torch.equal(grown(x, t, ctx), grown(torch.randn_like(x), t, ctx))
+        assert not torch.equal(grown(x, t, ctx), grown(x, t, torch.randn_like(ctx)))
+    with pytest.raises(ModelError, match="gates its first feature map"):
+        diffusers_configs(ModelConfig(unet=grown.cfg))
+    vae = save_vae(tmp_path / "vae", AutoencoderKL(PRESETS["tiny"].vae), PRESETS["tiny"].vae)
+    assert main(["train", "--run-dir", str(tmp_path / "base"), "--preset", "tiny", "--vae", str(vae),
+                 "--steps", "2"] + FAST) == 0
+    grow = ["train", "--run-dir", str(tmp_path / "gated"), "--init", str(tmp_path / "base" / "model"), "--input-gate"]
+    assert main(grow + ["--steps", "2"] + FAST) == 0
+    assert main(grow + ["--steps", "4"] + FAST) == 0  # a rerun resumes the grown run
+    saved = json.loads((tmp_path / "gated" / "model" / "model.json").read_text())
+    assert saved["config"]["unet"]["input_gate"] is True

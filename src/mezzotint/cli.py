@@ -130,6 +130,9 @@ def add_training_args(p: argparse.ArgumentParser, unet: bool) -> None:
                        help="a layout prior: a cross-attention from 2-D positions (N sinusoid frequencies "
                             "an axis) to the text, added to the first feature map; with --init, adds it "
                             "without changing the output at step 0")
+        p.add_argument("--input-gate", action="store_true",
+                       help="scale the first feature map by 1 + g(timestep), so the last steps can shut "
+                            "the noise out; with --init, added without changing the output at step 0")
         p.add_argument("--zero-terminal-snr", action="store_true",
                        help="rescale the noise schedule to end at pure noise (Lin et al. 2024; v-prediction "
                             "only), so the prompt, not leftover signal in the noise, decides the layout")

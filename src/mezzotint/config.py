@@ -40,6 +40,7 @@ class UNetConfig:
     context_layers: int = 0  # self-attention blocks that refine the (frozen) text embeddings first
     positions: int = 0  # if > 0, sinusoidal 2-D positions (this many frequencies an axis) enter every transformer
     layout: int = 0  # if > 0, a layout prior: a cross-attention from 2-D positions (this many frequencies) to the text
+    input_gate: bool = False  # the first feature map scaled by 1 + g(timestep): lets the last step shut the noise out
     groups: int = 32  # GroupNorm groups
     dropout: float = 0.0  # dropout inside ResBlocks (training only)
 

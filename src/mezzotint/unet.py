@@ -220,6 +220,8 @@ class UNet(nn.Module):
             self.up_blocks.append(Level(resnets, attns if i in cfg.attention_levels else None,
                                         Upsample(ch) if i > 0 else None, "upsamplers"))
 
+        if cfg.input_gate:  # see _run; zero-started
+            self.input_gate = Linear(temb, ch0)
         if cfg.layout:
             self.layout = LayoutPrior(ch0, max(1, ch0 // cfg.head_dim), cfg.context_dim, cfg.layout)
         self.conv_norm_out = nn.GroupNorm(cfg.groups, ch)
@@ -298,6 +300,10 @@ class UNet(nn.Module):
         if context_mask is not None:
             context_mask = attention_bias(context_mask, x.dtype)
         h = self.conv_in(x)
+        if self.cfg.input_gate:
+            # the ResBlocks take the timestep as a bias, so nothing else can scale the noise's
+            # features down; at a zero-terminal-SNR schedule's last step they carry nothing
+            h = h * (1 + self.input_gate(F.silu(emb)))[..., None, None]
         if self.cfg.layout:
             h = self.layout(h, context, context_mask)
         skips = [h]

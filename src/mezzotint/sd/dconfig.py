@@ -109,6 +109,9 @@ def diffusers_configs(cfg: ModelConfig) -> dict[str, dict]:
     if u.layout:
         raise ModelError("this UNet has a layout prior (a cross-attention from positions to the text), "
                          "which diffusers' UNet2DConditionModel has no place for")
+    if u.input_gate:
+        raise ModelError("this UNet gates its first feature map by the timestep, "
+                         "which diffusers' UNet2DConditionModel has no place for")
     if u.context_layers:
         raise ModelError(f"this UNet refines the text tokens ({u.context_layers} context blocks), "
                          "which diffusers' UNet2DConditionModel has no place for")

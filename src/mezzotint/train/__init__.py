@@ -52,7 +52,8 @@ def train_vae(tc: TrainConfig, preset: str = "shapes", init: str | None = None,
 def train_unet(tc: TrainConfig, preset: str = "shapes", vae: str | None = None, init: str | None = None,
                prediction: str | None = None, stop_after: int | None = None,
                attention_levels: tuple[int, ...] | None = None, context_layers: int | None = None,
-               zero_snr: bool = False, positions: int | None = None, layout: int | None = None) -> Path:
+               zero_snr: bool = False, positions: int | None = None, layout: int | None = None,
+               input_gate: bool = False) -> Path:
 
     from .. import checkpoints
     from ..data import open_dataset
@@ -81,6 +82,9 @@ def train_unet(tc: TrainConfig, preset: str = "shapes", vae: str | None = None, 
         if layout is not None and layout != cfg.unet.layout:
             unet = grow_layout(unet, layout)
             cfg = dataclasses.replace(cfg, unet=unet.cfg)
+        if input_gate and not cfg.unet.input_gate:
+            unet = grow_input_gate(unet)
+            cfg = dataclasses.replace(cfg, unet=unet.cfg)
         if zero_snr:
             cfg = dataclasses.replace(cfg, scheduler=dataclasses.replace(cfg.scheduler, rescale_betas_zero_snr=True))
         unet.requires_grad_(True).train()
@@ -101,6 +105,8 @@ def train_unet(tc: TrainConfig, preset: str = "shapes", vae: str | None = None, 
                 c = dataclasses.replace(c, unet=dataclasses.replace(c.unet, positions=positions))
             if layout is not None:
                 c = dataclasses.replace(c, unet=dataclasses.replace(c.unet, layout=layout))
+            if input_gate:
+                c = dataclasses.replace(c, unet=dataclasses.replace(c.unet, input_gate=True))
             sched = c.scheduler if prediction is None else dataclasses.replace(c.scheduler, prediction_type=prediction)
             if zero_snr:
                 sched = dataclasses.replace(sched, rescale_betas_zero_snr=True)
@@ -206,6 +212,16 @@ def grow_layout(unet, n: int):
         out = grown.layout.attn2.to_out[0]
         out.weight.zero_()
         out.bias.zero_()
+    return grown.to(next(unet.parameters()).dtype)
+
+
+def grow_input_gate(unet):
+    """The same UNet with its first feature map gated by the timestep, computing the same
+    function at first: the gate's projection starts at zero (a scale of exactly 1)."""
+    grown, _ = _grown(unet, dataclasses.replace(unet.cfg, input_gate=True), r"(input_gate)\.")
+    with torch.no_grad():
+        grown.input_gate.weight.zero_()
+        grown.input_gate.bias.zero_()
     return grown.to(next(unet.parameters()).dtype)
 
 
