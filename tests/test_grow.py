@@ -125,3 +125,31 @@ def test_input_gate_grows_unchanged_and_can_shut_the_noise_out(tmp_path):
     assert main(grow + ["--steps", "4"] + FAST) == 0  # a rerun resumes the grown run
     saved = json.loads((tmp_path / "gated" / "model" / "model.json").read_text())
     assert saved["config"]["unet"]["input_gate"] is True
+
+
+def test_blank_terminal_gives_the_last_step_zeros_in_sampling_as_in_training(tmp_path, capsys):
+    import dataclasses
+
+    from mezzotint.checkpoints import ModelError
+    from mezzotint.config import ModelConfig, SchedulerConfig
+    from mezzotint.diffusion.denoiser import Denoiser
+    from mezzotint.sd.dconfig import diffusers_configs
+    sched = SchedulerConfig(prediction_type="v", rescale_betas_zero_snr=True, blank_terminal=True)
+    unet = trained_like_unet()
+    d, plain = Denoiser(unet, sched), Denoiser(unet, dataclasses.replace(sched, blank_terminal=False))
+    x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 384)
+    with torch.no_grad():
+        top, low = d.sigma_max, 14.6
+        a, b = d(x, top, context=ctx), d(torch.randn_like(x), top, context=ctx)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-3 * float(a.abs().max()))  # only x / (1 + sigma^2) differs
+        assert not torch.allclose(plain(x, top, context=ctx), plain(torch.randn_like(x), top, context=ctx), atol=1e-2)
+        assert torch.equal(d(x, low, context=ctx), plain(x, low, context=ctx))  # the other steps as before
+    with pytest.raises(ModelError, match="zeros, not the noise"):
+        diffusers_configs(ModelConfig(scheduler=sched))
+    vae = save_vae(tmp_path / "vae", AutoencoderKL(PRESETS["tiny"].vae), PRESETS["tiny"].vae)
+    base = ["train", "--preset", "tiny", "--vae", str(vae), "--steps", "2", "--prediction", "v", "--blank-terminal"]
+    assert main(base + ["--run-dir", str(tmp_path / "a")] + FAST) == 2
+    assert "needs a zero-terminal-SNR schedule" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    assert main(base + ["--run-dir", str(tmp_path / "b"), "--zero-terminal-snr", "--terminal", "1"] + FAST) == 0
+    saved = json.loads((tmp_path / "b" / "model" / "model.json").read_text())
+    assert saved["config"]["scheduler"]["blank_terminal"] is True

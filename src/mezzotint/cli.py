@@ -133,6 +133,9 @@ def add_training_args(p: argparse.ArgumentParser, unet: bool) -> None:
         p.add_argument("--input-gate", action="store_true",
                        help="scale the first feature map by 1 + g(timestep), so the last steps can shut "
                             "the noise out; with --init, added without changing the output at step 0")
+        p.add_argument("--blank-terminal", action="store_true",
+                       help="with --zero-terminal-snr: give the UNet zeros instead of the pure noise of the "
+                            "last step (a sampler's first call), so it must draw the layout from the prompt")
         p.add_argument("--zero-terminal-snr", action="store_true",
                        help="rescale the noise schedule to end at pure noise (Lin et al. 2024; v-prediction "
                             "only), so the prompt, not leftover signal in the noise, decides the layout")

@@ -81,7 +81,7 @@ def train(args) -> int:
     try:
         print(run(tc, args.preset, args.vae, args.init, args.prediction, args.stop_after,
                   _levels(args.attention_levels), args.context_layers, args.zero_terminal_snr,
-                  args.positions, args.layout, args.input_gate))
+                  args.positions, args.layout, args.input_gate, args.blank_terminal))
     except ValueError as e:
         raise UsageError(str(e)) from None
     return 0

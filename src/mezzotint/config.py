@@ -82,6 +82,7 @@ class SchedulerConfig:
     timestep_spacing: str = "trailing"  # "trailing" | "leading" | "linspace" (as diffusers)
     steps_offset: int = 0  # added to "leading" timesteps (SD 1.x used 1)
     rescale_betas_zero_snr: bool = False  # zero terminal SNR (Lin et al. 2024); needs v-prediction
+    blank_terminal: bool = False  # with it: the last step's input (pure noise, no information) is given as zeros
 
 
 @dataclass(frozen=True)

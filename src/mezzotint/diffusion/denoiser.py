@@ -89,6 +89,8 @@ class Denoiser(nn.Module):
         # Run the network in its own dtype; keep t in float32 (fp16 cannot hold 999.5).
         dtype = self._model_dtype()
         x_in = x * c_in
+        if self.cfg.blank_terminal:  # trained so: pure noise carries nothing, zeros say so
+            x_in = x_in * (t < len(self.sigmas) - 1.001).view(-1, *([1] * (x.ndim - 1)))
         concat = cond.pop("concat", None)
         if concat is not None:  # inpainting UNets take [latent, mask, masked-image latent] channels
             x_in = torch.cat([x_in, concat.to(x_in.dtype)], dim=1)

@@ -103,6 +103,9 @@ def diffusers_configs(cfg: ModelConfig) -> dict[str, dict]:
     u, v, s = cfg.unet, cfg.vae, cfg.scheduler
     widths = [u.channels * m for m in u.channel_mult]
     L = len(widths)
+    if s.blank_terminal:
+        raise ModelError("this model is given zeros, not the noise, at its schedule's last step, "
+                         "which diffusers' pipelines do not do")
     if u.positions:
         raise ModelError("this UNet gives its transformers 2-D positions, which diffusers' "
                          "UNet2DConditionModel has no place for")

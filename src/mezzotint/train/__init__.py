@@ -49,11 +49,15 @@ def train_vae(tc: TrainConfig, preset: str = "shapes", init: str | None = None,
     return train(VAETask(cfg, tc, dataset, vae, decoder_only), dataset, tc, d, stop_after=stop_after)
 
 
+_BLANK_NEEDS = ("--blank-terminal needs a zero-terminal-SNR schedule (--zero-terminal-snr): "
+                "elsewhere the last step's input still holds some of the image")
+
+
 def train_unet(tc: TrainConfig, preset: str = "shapes", vae: str | None = None, init: str | None = None,
                prediction: str | None = None, stop_after: int | None = None,
                attention_levels: tuple[int, ...] | None = None, context_layers: int | None = None,
                zero_snr: bool = False, positions: int | None = None, layout: int | None = None,
-               input_gate: bool = False) -> Path:
+               input_gate: bool = False, blank_terminal: bool = False) -> Path:
 
     from .. import checkpoints
     from ..data import open_dataset
@@ -87,6 +91,8 @@ def train_unet(tc: TrainConfig, preset: str = "shapes", vae: str | None = None, 
             cfg = dataclasses.replace(cfg, unet=unet.cfg)
         if zero_snr:
             cfg = dataclasses.replace(cfg, scheduler=dataclasses.replace(cfg.scheduler, rescale_betas_zero_snr=True))
+        if blank_terminal:
+            cfg = dataclasses.replace(cfg, scheduler=dataclasses.replace(cfg.scheduler, blank_terminal=True))
         unet.requires_grad_(True).train()
         base = Path(init)
     else:
@@ -110,14 +116,20 @@ def train_unet(tc: TrainConfig, preset: str = "shapes", vae: str | None = None, 
             sched = c.scheduler if prediction is None else dataclasses.replace(c.scheduler, prediction_type=prediction)
             if zero_snr:
                 sched = dataclasses.replace(sched, rescale_betas_zero_snr=True)
+            if blank_terminal:
+                sched = dataclasses.replace(sched, blank_terminal=True)
             c_in = vae_model.cfg.latent_channels
             if (c.unet.in_channels, c.unet.out_channels) != (c_in, c_in):
                 raise ValueError(f"preset {preset!r} UNet takes {c.unet.in_channels} latent channels, "
                                  f"the autoencoder makes {c_in}")
             return dataclasses.replace(c, vae=vae_model.cfg, scheduler=sched).to_dict()
+        if blank_terminal and not zero_snr:  # refused before the run folder is made
+            raise ValueError(_BLANK_NEEDS)
         cfg = ModelConfig.from_dict(_stored_or(run, "model_config.json", make))
         unet, base = None, None
     _check_resume(run, cfg)
+    if cfg.scheduler.blank_terminal and not cfg.scheduler.rescale_betas_zero_snr:
+        raise ValueError(_BLANK_NEEDS)
     if cfg.scheduler.rescale_betas_zero_snr and cfg.scheduler.prediction_type != "v":
         raise ValueError("a zero-terminal-SNR schedule needs v-prediction (--prediction v): at pure noise "
                          "a noise prediction says nothing about the image")

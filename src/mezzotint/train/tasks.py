@@ -215,6 +215,8 @@ class UNetTask(Task):
         noise = randn(x0.shape, gens, x0.device)
         a = self.ac[t].view(B, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise  # q(x_t | x_0)
+        if self.cfg.scheduler.blank_terminal:  # as the Denoiser gives it: zeros at the last step
+            xt = xt * (t < len(self.ac) - 1).view(B, 1, 1, 1)
         pairs, ctx, mask = self._swapped(indices, captions, dropped, ctx, mask, t)
         if pairs:  # the swapped captions' rows ride in the same forward (one DDP pass)
             xt, t = torch.cat([xt, xt[pairs]]), torch.cat([t, t[pairs]])
