@@ -17,7 +17,7 @@ from ..diffusion.schedules import alphas_cumprod
 from ..unet import UNet
 from ..vae import AutoencoderKL, to_uint8, to_unit
 from ..diffusion.noise import randn
-from .grounding import attention_loss, recording
+from .grounding import Grounding, attention_loss, fit_layout, layout_target_loss, recording
 from .loop import Task, item_generators
 from .state import latest
 
@@ -149,7 +149,6 @@ class UNetTask(Task):
                              f"prior's first {self.cfg.unet.channels}: too few")
         grounding = None
         if self.tc.attention_loss or self.tc.layout_fit:
-            from .grounding import Grounding
             grounding = Grounding(dataset, self.text.tokenizer, self.tc.size // self.vae.cfg.factor,
                                   self.cfg.unet.attention_levels)
         if self.tc.attention_loss:
@@ -166,7 +165,6 @@ class UNetTask(Task):
             self._fit_layout(dataset, d, grounding)
 
     def _fit_layout(self, dataset, d, grounding):
-        from .grounding import fit_layout
         want = bool(self.tc.layout_target)
         if self.pool is not None and d.world == 1:  # a rank's pool holds its own items only
             def contexts(items):
@@ -250,7 +248,6 @@ class UNetTask(Task):
             self.terms["attention_loss"] = att.item()
             loss = loss + self.tc.attention_loss * att
         if added:
-            from .grounding import layout_target_loss
             lt = layout_target_loss(added[0][:B], x0)
             self.terms["layout_target_loss"] = lt.item()
             loss = loss + self.tc.layout_target * lt
