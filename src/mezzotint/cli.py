@@ -62,6 +62,9 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--guidance-rescale", type=finite_float, metavar="PHI",
                    help="rescale guided predictions toward the conditional one's spread, 0..1 (Lin et al. "
                         "2024; 0.7 suits zero-terminal-SNR models; model default)")
+    g.add_argument("--layout-guidance", type=finite_float, metavar="S",
+                   help="strength of layout guidance: the model's layout map, read off the prompt, steers "
+                        "the noisy steps' cross-attention (models with one; 0 = off; model default)")
     g.add_argument("--width", type=int, metavar="PX", help="pixels, a multiple of the autoencoder factor")
     g.add_argument("--height", type=int, metavar="PX", help="pixels, a multiple of the autoencoder factor")
     r = p.add_argument_group("model and device")
@@ -246,6 +249,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--autoencoder", action="store_true",
                    help="judge only the autoencoder: ground-truth renders after encode + decode")
     add_generation_args(e)
+
+    f = sub.add_parser("fit-layout", help="fit a layout map to the Shapes world and write the model with it",
+                       description="Fit a layout map (where each object word of a prompt goes, from the text "
+                       "alone) to the Shapes world's object masks, and write a copy of the model that uses it "
+                       "for layout guidance by default. A minute or two on 2 cores; no UNet training.")
+    f.add_argument("--model", type=Path, help="model folder (default: the built-in model)")
+    f.add_argument("--output", type=Path, required=True, help="model folder to write")
+    f.add_argument("--steps", type=int, default=2500, help="Adam steps of 128 captions (default 2500)")
+    f.add_argument("--items", type=int, default=20000, help="Shapes captions to fit on (default 20000)")
+    f.add_argument("--strength", type=finite_float, default=4.0, help="default layout guidance strength (4)")
+    f.add_argument("--start", type=finite_float, default=500.0,
+                   help="guidance applies from the top of the schedule down to this timestep (default 500)")
+    f.add_argument("--seed", type=int, default=0)
 
     n = sub.add_parser("new-model", help="write a model with random weights from a preset (for tests or training)")
     n.add_argument("preset", help="preset name")

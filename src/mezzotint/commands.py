@@ -93,7 +93,8 @@ def _prepare(args, prompts: list[str], numbered_from_zero: bool = False, size=No
     width, height = size if size and args.width is None and args.height is None else (args.width, args.height)
     req = defaults_for(cfg, prompts[0], negative_prompt=args.negative_prompt, seed=args.seed,
                        steps=args.steps, sampler=args.sampler, cfg=args.cfg, width=width,
-                       height=height, karras=args.karras, eta=args.eta, guidance_rescale=args.guidance_rescale)
+                       height=height, karras=args.karras, eta=args.eta, guidance_rescale=args.guidance_rescale,
+                       layout_guidance=args.layout_guidance)
     try:
         check_request(req, cfg)
         device = resolve_device(args.device)

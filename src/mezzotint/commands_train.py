@@ -87,6 +87,27 @@ def train(args) -> int:
     return 0
 
 
+def fit_layout(args) -> int:
+    from .train.layout_map import add_layout_map
+    if args.steps < 1 or args.items < 1:
+        raise UsageError("--steps and --items must be >= 1")
+    if args.strength < 0 or not 0 <= args.start <= 1000:
+        raise UsageError("--strength must be >= 0 and --start a timestep in [0, 1000]")
+    model_path, cfg = _model_config(args.model)
+    if cfg.text.kind != "bert":
+        raise UsageError(f"fit-layout needs a BERT-family text encoder (it reads token offsets); this model's is "
+                         f"{cfg.text.kind!r}")
+    _writable_target(args.output)
+    try:
+        path, agreement = add_layout_map(str(model_path), str(args.output), args.steps, args.items, args.seed,
+                                         args.strength, args.start)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    print(f"layout map: held-out side agreement {agreement:.3f}", file=sys.stderr)
+    print(path)
+    return 0
+
+
 def eval(args) -> int:  # noqa: A001 (the command's name)
     from tqdm import tqdm
 
@@ -97,7 +118,8 @@ def eval(args) -> int:  # noqa: A001 (the command's name)
     model_path, cfg = _model_config(args.model)
     req = defaults_for(cfg, "", negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps,
                        sampler=args.sampler, cfg=args.cfg, width=args.width, height=args.height,
-                       karras=args.karras, eta=args.eta, guidance_rescale=args.guidance_rescale)
+                       karras=args.karras, eta=args.eta, guidance_rescale=args.guidance_rescale,
+                       layout_guidance=args.layout_guidance)
     try:
         check_request(req, cfg)
         resolve_dtype(args.dtype, resolve_device(args.device))

@@ -40,6 +40,7 @@ class UNetConfig:
     context_layers: int = 0  # self-attention blocks that refine the (frozen) text embeddings first
     positions: int = 0  # if > 0, sinusoidal 2-D positions (this many frequencies an axis) enter every transformer
     layout: int = 0  # if > 0, a layout prior: a cross-attention from 2-D positions (this many frequencies) to the text
+    layout_map: int = 0  # if > 0, a layout map for layout guidance (layout.py; this many position frequencies)
     input_gate: bool = False  # the first feature map scaled by 1 + g(timestep): lets the last step shut the noise out
     groups: int = 32  # GroupNorm groups
     dropout: float = 0.0  # dropout inside ResBlocks (training only)
@@ -92,6 +93,8 @@ class SampleDefaults:
     cfg: float = 5.0  # default guidance scale
     karras: bool = False  # Karras sigmas by default
     guidance_rescale: float = 0.0  # guidance rescale phi by default (Lin et al. 2024), 0 = off
+    layout_guidance: float = 0.0  # layout guidance strength by default (models with a layout map), 0 = off
+    layout_start: float = 500.0  # layout guidance applies to the steps at this timestep and above
     width: int = 64  # default image width in pixels
     height: int = 64  # default image height in pixels
 

@@ -37,6 +37,7 @@ class Request:
     karras: bool = False  # Karras et al. (2022) sigma spacing instead of the model's own
     eta: float = 0.0  # ddim only: 0 deterministic, 1 ancestral
     guidance_rescale: float = 0.0  # phi of Lin et al. 2024 (diffusers' guidance_rescale), 0 = off
+    layout_guidance: float = 0.0  # strength of layout guidance (layout.py; models with a layout map), 0 = off
 
     def for_image(self, k: int) -> "Request":
         return replace(self, seed=self.seed + k)
@@ -46,7 +47,7 @@ def defaults_for(model: ModelConfig, prompt: str, **overrides) -> Request:
     """A request with the model's defaults where `overrides` gives None."""
     d = model.defaults
     base = dict(sampler=d.sampler, steps=d.steps, cfg=d.cfg, karras=d.karras, width=d.width, height=d.height,
-                guidance_rescale=d.guidance_rescale)
+                guidance_rescale=d.guidance_rescale, layout_guidance=d.layout_guidance)
     base.update({k: v for k, v in overrides.items() if v is not None})
     return Request(prompt=prompt, **base)
 
@@ -72,6 +73,11 @@ def check_request(req: Request, cfg: ModelConfig) -> None:
         raise ValueError(f"eta must be a finite number >= 0, got {req.eta}")
     if not (math.isfinite(req.guidance_rescale) and 0 <= req.guidance_rescale <= 1):
         raise ValueError(f"guidance rescale must be in [0, 1], got {req.guidance_rescale}")
+    if not (math.isfinite(req.layout_guidance) and req.layout_guidance >= 0):
+        raise ValueError(f"layout guidance must be a finite number >= 0, got {req.layout_guidance}")
+    if req.layout_guidance and not cfg.unet.layout_map:
+        raise ValueError("layout guidance needs a model with a layout map (mezzotint fit-layout adds one); "
+                         "this model has none: use --layout-guidance 0")
 
 
 CONTEXT_BUCKET = 8  # prompt lengths are padded (masked) to a multiple of this
@@ -255,6 +261,7 @@ class Pipeline:
         # from the second run on a small model runs as traces, its rows split over two threads;
         # a large model's guidance passes run side by side (graphs.py)
         graphs.allow(self.unet, self.warm)
+        self.unet.layout_guidance = (req.layout_guidance, self.config.defaults.layout_start)
         with torch.inference_mode():
             side = graphs.both if graphs.side_by_side(self.unet, x) else None
         # a model's first call packs its convs and reads its weights in: two passes doing that

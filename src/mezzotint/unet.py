@@ -14,6 +14,7 @@ from torch import nn
 from . import graphs
 from . import nn as nn_
 from .config import UNetConfig
+from .layout import LayoutMap, grid_features
 from .nn import (Attention, Conv2d, Downsample, Linear, ResBlock, TimestepMLP, Upsample, attention_bias, kept,
                  timestep_embedding)
 
@@ -75,19 +76,6 @@ class ContextBlock(nn.Module):
     def forward(self, x, mask=None):
         x = x + self.attn(self.norm1(x), mask=mask)
         return x + self.ff(self.norm2(x))
-
-
-def grid_features(H: int, W: int, n: int, device, dtype) -> torch.Tensor:
-    """(H*W, 4n) sin and cos of pi*k*u for k = 1..n, u the cell centre's place in [0, 1] along
-    each axis. The attention is blind to where a token is; a word like "left" needs it. In
-    [0, 1] coordinates, so any image size sees the same left and right; k = 1 is monotone."""
-    k = torch.arange(1, n + 1, device=device, dtype=torch.float32) * torch.pi
-    ys = (torch.arange(H, device=device, dtype=torch.float32) + 0.5) / H
-    xs = (torch.arange(W, device=device, dtype=torch.float32) + 0.5) / W
-    fy, fx = ys[:, None] * k, xs[:, None] * k  # (H, n), (W, n)
-    fy = torch.cat([fy.sin(), fy.cos()], 1)[:, None].expand(H, W, 2 * n)
-    fx = torch.cat([fx.sin(), fx.cos()], 1)[None].expand(H, W, 2 * n)
-    return torch.cat([fx, fy], 2).reshape(H * W, 4 * n).to(dtype)
 
 
 class LayoutPrior(nn.Module):
@@ -224,6 +212,9 @@ class UNet(nn.Module):
             self.input_gate = Linear(temb, ch0)
         if cfg.layout:
             self.layout = LayoutPrior(ch0, max(1, ch0 // cfg.head_dim), cfg.context_dim, cfg.layout)
+        if cfg.layout_map:  # layout guidance (layout.py); inference only, off until set_layout_guidance
+            self.layout_map = LayoutMap(cfg.context_dim, cfg.layout_map)
+        self.layout_guidance = (0.0, 0.0)  # (strength, first timestep it applies at, from the top)
         self.conv_norm_out = nn.GroupNorm(cfg.groups, ch)
         self.conv_out = Conv2d(ch, cfg.out_channels, 3, padding=1)
         if cfg.context_layers:
@@ -256,7 +247,35 @@ class UNet(nn.Module):
         return context
 
     def __getstate__(self):  # copies (deepcopy, pickle) leave the caches and traces behind
-        return {k: v for k, v in graphs.state(self.__dict__).items() if k not in ("_refined", "_cross", "_kv_in")}
+        return {k: v for k, v in graphs.state(self.__dict__).items()
+                if k not in ("_refined", "_cross", "_kv_in", "_layout")}
+
+    def _level_masks(self, x, t, context, context_mask) -> list[torch.Tensor]:
+        """A model with a layout map: the per-level attention biases of layout guidance (padding
+        included; the padding bias alone when it is off), passed to _forward after the keys and
+        values. The map's part is made once per prompt, row by row (kept, as the keys and values
+        are); below the starting timestep it is zeros of the same shapes, so one trace serves all
+        steps. Other models: []."""
+        if not self.cfg.layout_map:
+            return []
+        mask = context_mask if context_mask is not None else torch.ones(context.shape[:2], dtype=torch.bool,
+                                                                           device=context.device)
+        pad = attention_bias(mask, x.dtype)
+        strength, start = self.layout_guidance
+        if not strength or self.training:
+            return [pad] * len(self.down_blocks)
+        sizes = [tuple(x.shape[2:])]
+        for _ in range(len(self.down_blocks) - 1):
+            h, w = sizes[-1]
+            sizes.append(((h + 1) // 2, (w + 1) // 2))  # a stride-2 conv with padding 1
+
+        def rows():
+            per = [self.layout_map.biases(context[i:i + 1].to(x.dtype), mask[i:i + 1], sizes)
+                   for i in range(context.shape[0])]
+            return [torch.cat(level) for level in zip(*per)]
+        biases = kept(self, "_layout", self.layout_map.parameters(), (context, mask, torch.tensor(sizes)), rows)
+        scale = strength if float(t.max()) >= start else 0.0
+        return [pad + scale * b for b in biases]
 
     def forward(self, x, t, context, context_mask=None):
         """x: (B, C, h, w) latent; t: (B,) timesteps (float allowed); context: (B, L, D)."""
@@ -265,6 +284,7 @@ class UNet(nn.Module):
             # one embedding broadcast over the batch: also keeps row k of a batch bit-identical
             # to a batch of one, since small-M matmuls take other kernels as M changes
             t = t[:1]
+        masks = self._level_masks(x, t, context, context_mask)
         traced = graphs.usable(self, x)
         if traced or graphs.split_eager(self, x):
             # the text's keys and values, kept between steps, made here and passed in: in a
@@ -275,9 +295,10 @@ class UNet(nn.Module):
             weights = [p for a in cross for p in (a.to_k.weight, a.to_k.bias, a.to_v.weight, a.to_v.bias)]
             kv = kept(self, "_kv_in", weights, (ctx,), lambda: [kv for a in cross for kv in a._context_kv(ctx)])
             if traced:
-                return graphs.run(self, "_forward", x, t, context, context_mask, *kv)
-            return graphs.in_halves(lambda *part: lambda: self._forward(*part), x, t, context, context_mask, *kv)
-        return self._forward(x, t, context, context_mask)
+                return graphs.run(self, "_forward", x, t, context, context_mask, *kv, *masks)
+            return graphs.in_halves(lambda *part: lambda: self._forward(*part), x, t, context, context_mask,
+                                    *kv, *masks)
+        return self._forward(x, t, context, context_mask, *masks)
 
     def _cross_attentions(self) -> list:
         found = self.__dict__.get("_cross")
@@ -286,16 +307,20 @@ class UNet(nn.Module):
                                                                 if isinstance(m, (TransformerBlock, LayoutPrior))])
         return found[1]
 
-    def _forward(self, x, t, context, context_mask, *kv):
+    def _forward(self, x, t, context, context_mask, *given):
+        # given: the cross-attentions' keys and values (two per layer) or none, then the
+        # per-level masks of layout guidance or none
+        n_masks = len(self.down_blocks) if self.cfg.layout_map else 0
+        kv, masks = given[:len(given) - n_masks], given[len(given) - n_masks:]
         if not kv:
-            return self._run(x, t, self.refine_context(context.to(x.dtype), context_mask), context_mask)
+            return self._run(x, t, self.refine_context(context.to(x.dtype), context_mask), context_mask, masks)
         nn_.GIVEN_KV.kv = dict(zip(self._cross_attentions(), zip(kv[::2], kv[1::2])))
         try:  # the cross-attentions take these; `context` goes unused
-            return self._run(x, t, context, context_mask)
+            return self._run(x, t, context, context_mask, masks)
         finally:
             nn_.GIVEN_KV.kv = None
 
-    def _run(self, x, t, context, context_mask):
+    def _run(self, x, t, context, context_mask, masks=()):
         emb = self.time_embedding(timestep_embedding(t, self.cfg.channels).to(x.dtype))
         if context_mask is not None:
             context_mask = attention_bias(context_mask, x.dtype)
@@ -306,19 +331,20 @@ class UNet(nn.Module):
             h = h * (1 + self.input_gate(F.silu(emb)))[..., None, None]
         if self.cfg.layout:
             h = self.layout(h, context, context_mask)
+        masks = list(masks) or [context_mask] * len(self.down_blocks)  # per level, finest first
         skips = [h]
-        for level in self.down_blocks:
+        for i, level in enumerate(self.down_blocks):
             for j in range(len(level.resnets)):
-                h = level.block(j, h, emb, context, context_mask)
+                h = level.block(j, h, emb, context, masks[i])
                 skips.append(h)
             if level._resample:
                 h = level.resample(h)
                 skips.append(h)
         h = self.mid_block.resnets[0](h, emb)
-        h = self.mid_block.attentions[0](h, context, context_mask)
+        h = self.mid_block.attentions[0](h, context, masks[-1])
         h = self.mid_block.resnets[1](h, emb)
-        for level in self.up_blocks:
+        for k, level in enumerate(self.up_blocks):
             for j in range(len(level.resnets)):
-                h = level.block(j, torch.cat([h, skips.pop()], dim=1), emb, context, context_mask)
+                h = level.block(j, torch.cat([h, skips.pop()], dim=1), emb, context, masks[-1 - k])
             h = level.resample(h)
         return self.conv_out(F.silu(self.conv_norm_out(h), inplace=not torch.is_grad_enabled()))
