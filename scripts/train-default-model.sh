@@ -28,6 +28,13 @@ mkdir -p "$RUNS/unet-grounded" && ln -sfn ../unet/pool "$RUNS/unet-grounded/pool
 mezzotint train --run-dir "$RUNS/unet-grounded" --init "$RUNS/unet-grown/model" --attention-loss 1e-3 \
     --steps 6000 --batch 64 --lr 2e-4 --warmup 200 --pool 80000 --ckpt-every 250 --sample-every 3000 \
     --log-every 25 --threads 2
-mezzotint eval --model "$RUNS/unet-grounded/model" --cfg 3
-echo "to ship it: cp $RUNS/unet-grounded/model/{model.json,unet.safetensors,vae.safetensors} src/mezzotint/weights/default/"
-echo "and set config.defaults.cfg to 3.0 in the copied model.json (chosen with --prompt-seed 1)"
+# set the default guidance scale to 3 (chosen with --prompt-seed 1) before the last stage copies the config
+python - "$RUNS/unet-grounded/model/model.json" <<'PY'
+import json, sys
+p = sys.argv[1]; d = json.load(open(p)); d["config"]["defaults"]["cfg"] = 3.0; json.dump(d, open(p, "w"), indent=1)
+PY
+# last, the layout map (text only, no UNet training; a few minutes): layout guidance on at strength 2
+mezzotint fit-layout --model "$RUNS/unet-grounded/model" --output "$RUNS/default" --steps 5000 --items 40000 \
+    --frequencies 8 --heads 4 --strength 2 --start 500
+mezzotint eval --model "$RUNS/default"
+echo "to ship it: cp $RUNS/default/{model.json,unet.safetensors,vae.safetensors} src/mezzotint/weights/default/"

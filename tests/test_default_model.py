@@ -76,3 +76,17 @@ def test_heat_maps_put_each_word_where_its_object_is(pipe, prompt, left, right):
             sides += [e.share_left(left[1]) > 0.5, e.share_left(right[1]) < 0.5]
     assert len(near) >= 8 and sum(near) >= 0.7 * len(near), near
     assert sum(sides) >= 0.7 * len(sides), sides
+
+
+def test_default_model_has_layout_guidance_on_and_it_gets_relations_right(pipe):
+    # the first 16 "position" prompts of the eval set: 0.22 of them right without layout
+    # guidance (50 prompts), about 0.8 with it
+    import dataclasses
+    assert pipe.config.unet.layout_map and pipe.config.defaults.layout_guidance > 0
+    prompts = [c for c, cat in prompt_set(16, seed=0) if cat == "position"]
+    req = defaults_for(pipe.config, prompts[0], seed=0)
+    right = {}
+    for s in (req.layout_guidance, 0.0):
+        results = pipe(dataclasses.replace(req, layout_guidance=s), prompts)
+        right[s] = sum(judge(r.image, p).correct for r, p in zip(results, prompts))
+    assert right[req.layout_guidance] >= 9 and right[req.layout_guidance] >= right[0.0] + 4, right

@@ -11,7 +11,7 @@
 __version__ = "0.1.0"
 
 from .config import PRESETS, ModelConfig  # noqa: E402
-from .pipeline import Pipeline, Request, Result  # noqa: E402
+from .pipeline import Pipeline, Request, Result, defaults_for  # noqa: E402
 from .explain import Explanation, explain  # noqa: E402
 
-__all__ = ["Pipeline", "Request", "Result", "ModelConfig", "PRESETS", "explain", "Explanation", "__version__"]
+__all__ = ["Pipeline", "Request", "Result", "defaults_for", "ModelConfig", "PRESETS", "explain", "Explanation", "__version__"]

@@ -89,8 +89,8 @@ def train(args) -> int:
 
 def fit_layout(args) -> int:
     from .train.layout_map import add_layout_map
-    if args.steps < 1 or args.items < 1:
-        raise UsageError("--steps and --items must be >= 1")
+    if min(args.steps, args.items, args.frequencies, args.heads) < 1:
+        raise UsageError("--steps, --items, --frequencies and --heads must be >= 1")
     if args.strength < 0 or not 0 <= args.start <= 1000:
         raise UsageError("--strength must be >= 0 and --start a timestep in [0, 1000]")
     model_path, cfg = _model_config(args.model)
@@ -100,7 +100,7 @@ def fit_layout(args) -> int:
     _writable_target(args.output)
     try:
         path, agreement = add_layout_map(str(model_path), str(args.output), args.steps, args.items, args.seed,
-                                         args.strength, args.start)
+                                         args.strength, args.start, args.frequencies, args.heads)
     except ValueError as e:
         raise UsageError(str(e)) from None
     print(f"layout map: held-out side agreement {agreement:.3f}", file=sys.stderr)

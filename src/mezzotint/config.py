@@ -41,6 +41,7 @@ class UNetConfig:
     positions: int = 0  # if > 0, sinusoidal 2-D positions (this many frequencies an axis) enter every transformer
     layout: int = 0  # if > 0, a layout prior: a cross-attention from 2-D positions (this many frequencies) to the text
     layout_map: int = 0  # if > 0, a layout map for layout guidance (layout.py; this many position frequencies)
+    layout_heads: int = 1  # the layout map's heads (an ensemble: their maps are averaged)
     input_gate: bool = False  # the first feature map scaled by 1 + g(timestep): lets the last step shut the noise out
     groups: int = 32  # GroupNorm groups
     dropout: float = 0.0  # dropout inside ResBlocks (training only)

@@ -36,29 +36,35 @@ def grid_features(H: int, W: int, n: int, device, dtype) -> torch.Tensor:
 
 
 class LayoutMap(nn.Module):
-    """Cells attend to tokens with queries made of their positions alone (one head)."""
+    """Cells attend to tokens with queries made of their positions alone. Each head is fitted
+    on its own (the loss is per head) and their maps are averaged: an ensemble, since single
+    fits differ in which captions they get right."""
 
-    def __init__(self, context_dim: int, n: int = 4, dim: int = 32):
+    def __init__(self, context_dim: int, n: int = 4, heads: int = 1, dim: int = 32):
         super().__init__()
-        self.n = n
-        self.pos_in = nn.Linear(4 * n, dim)
-        self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_k = nn.Linear(context_dim, dim, bias=False)
+        self.n, self.heads = n, heads
+        self.pos_in = nn.Linear(4 * n, heads * dim)
+        self.to_q = nn.Linear(heads * dim, heads * dim, bias=False)
+        self.to_k = nn.Linear(context_dim, heads * dim, bias=False)
         self.gate = nn.Linear(context_dim, 1)  # does token l name an object?
 
     def attention(self, context: torch.Tensor, mask: torch.Tensor | None, H: int, W: int) -> torch.Tensor:
-        """(B, H*W, L): each cell's softmax over the tokens (padding masked). Tokens compete for
-        cells, which is what lets two objects' words take the two sides."""
+        """(B, heads, H*W, L): each cell's softmax over the tokens (padding masked). Tokens
+        compete for cells, which is what lets two objects' words take the two sides."""
         q = self.to_q(self.pos_in(grid_features(H, W, self.n, context.device, context.dtype)))
-        logits = torch.einsum("nd,bld->bnl", q, self.to_k(context)) * q.shape[-1] ** -0.5
+        q = q.unflatten(-1, (self.heads, -1))  # (N, heads, d)
+        k = self.to_k(context).unflatten(-1, (self.heads, -1))  # (B, L, heads, d)
+        logits = torch.einsum("nhd,blhd->bhnl", q, k) * q.shape[-1] ** -0.5
         if mask is not None:
-            logits = logits.masked_fill(~mask[:, None, :], float("-inf"))
+            logits = logits.masked_fill(~mask[:, None, None, :], float("-inf"))
         return logits.softmax(-1)
 
     def shares(self, context, mask, H: int, W: int) -> torch.Tensor:
-        """(B, L, H, W): each token's share of the map over the cells (sums to 1 per token)."""
-        w = self.attention(context, mask, H, W).transpose(1, 2)
-        return (w / w.sum(-1, keepdim=True).clamp(min=1e-12)).unflatten(2, (H, W))
+        """(B, L, H, W): each token's share of the map over the cells (sums to 1 per token),
+        the mean over the heads."""
+        w = self.attention(context, mask, H, W).transpose(2, 3)  # (B, heads, L, N)
+        w = w / w.sum(-1, keepdim=True).clamp(min=1e-12)
+        return w.mean(1).unflatten(2, (H, W))
 
     def biases(self, context, mask, sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
         """Per size (h, w), the (B, 1, h*w, L) attention bias at strength 1 (no padding bias):

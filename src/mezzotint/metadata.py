@@ -35,6 +35,8 @@ def a1111_parameters(record: dict) -> str:
               "Model hash": record["model"]["sha256"][:10], "Model": record["model"]["name"]}
     if r.get("guidance_rescale"):
         fields["CFG Rescale phi"] = r["guidance_rescale"]  # as the sd-webui CFG rescale extension
+    if r.get("layout_guidance"):
+        fields["Layout guidance"] = r["layout_guidance"]
     if r["sampler"] == "ddim" and r["eta"]:
         fields["Eta DDIM"] = r["eta"]
     edit = record.get("edit")

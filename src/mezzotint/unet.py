@@ -213,7 +213,7 @@ class UNet(nn.Module):
         if cfg.layout:
             self.layout = LayoutPrior(ch0, max(1, ch0 // cfg.head_dim), cfg.context_dim, cfg.layout)
         if cfg.layout_map:  # layout guidance (layout.py); inference only, off until set_layout_guidance
-            self.layout_map = LayoutMap(cfg.context_dim, cfg.layout_map)
+            self.layout_map = LayoutMap(cfg.context_dim, cfg.layout_map, cfg.layout_heads)
         self.layout_guidance = (0.0, 0.0)  # (strength, first timestep it applies at, from the top)
         self.conv_norm_out = nn.GroupNorm(cfg.groups, ch)
         self.conv_out = Conv2d(ch, cfg.out_channels, 3, padding=1)

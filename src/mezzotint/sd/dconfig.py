@@ -112,6 +112,8 @@ def diffusers_configs(cfg: ModelConfig) -> dict[str, dict]:
     if u.layout:
         raise ModelError("this UNet has a layout prior (a cross-attention from positions to the text), "
                          "which diffusers' UNet2DConditionModel has no place for")
+    if u.layout_map:
+        raise ModelError("this UNet has a layout map (layout guidance), which diffusers' pipelines do not apply")
     if u.input_gate:
         raise ModelError("this UNet gates its first feature map by the timestep, "
                          "which diffusers' UNet2DConditionModel has no place for")

@@ -47,6 +47,9 @@ class JobRequest(BaseModel):
     eta: float = Field(0.0, ge=0, allow_inf_nan=False, description="ddim noise, 0..1")
     guidance_rescale: float | None = Field(None, ge=0, le=1, allow_inf_nan=False,
                                            description="guidance rescale phi, 0..1 (model default)")
+    layout_guidance: float | None = Field(None, ge=0, allow_inf_nan=False,
+                                          description="layout guidance strength (models with a layout map; "
+                                          "0 = off; model default)")
     batch: int = Field(1, ge=1, description="images, in one forward pass")
     strength: float | None = Field(None, ge=0, le=1, description="edits: how much to change, 0..1 "
                                    "(default 0.75 img2img, 1 inpaint)")
@@ -197,7 +200,7 @@ def create_app(models, limits: Limits | None = None, token: str | None = None,
         spec = build_spec(models.pipe.config, limits, kind=body.kind, prompt=body.prompt,
                           negative_prompt=body.negative_prompt, seed=body.seed, steps=body.steps,
                           sampler=body.sampler, cfg_scale=body.cfg, width=body.width, height=body.height,
-                          guidance_rescale=body.guidance_rescale,
+                          guidance_rescale=body.guidance_rescale, layout_guidance=body.layout_guidance,
                           karras=body.karras, eta=body.eta, batch=body.batch, image=body.image,
                           mask=body.mask, strength=body.strength, mask_blur=body.mask_blur)
         job = queue.submit(spec)

@@ -77,8 +77,8 @@ def fit(layout_map, data, steps: int = 2500, batch: int = 128, lr: float = 3e-3,
     for step in range(steps):
         idx = torch.randint(0, ctx.shape[0], (batch,), generator=g)
         c, m, t = ctx[idx], mask[idx], T[idx].float()
-        w = layout_map.attention(c, m, res, res)  # (B, N, L)
-        ground = attention_loss([w[:, None]], t)
+        w = layout_map.attention(c, m, res, res)  # (B, heads, N, L)
+        ground = attention_loss([w], t)  # per head
         has = t.flatten(2).amax(-1) > 0
         gate = F.binary_cross_entropy_with_logits(layout_map.gate(c)[..., 0][m], has[m].float())
         opt.zero_grad(set_to_none=True)
@@ -122,7 +122,7 @@ def side_agreement(layout_map, data) -> float:
 
 
 def add_layout_map(model: str, output: str, steps: int = 2500, items: int = 20000, seed: int = 0,
-                   strength: float = 4.0, start: float = 500.0, n: int = 4) -> tuple:
+                   strength: float = 2.0, start: float = 500.0, n: int = 8, heads: int = 4) -> tuple:
     """Fit a layout map for the model's text encoder and latent size, and write the model with it
     (and layout guidance on by default at `strength`) to `output`. Returns (path, held-out side
     agreement)."""
@@ -140,13 +140,13 @@ def add_layout_map(model: str, output: str, steps: int = 2500, items: int = 2000
         raise ValueError("fit-layout needs a fast tokenizer (for token offsets)")
     res = 64 // vae.cfg.factor
     torch.manual_seed(seed)
-    layout_map = LayoutMap(cfg.unet.context_dim, n)
+    layout_map = LayoutMap(cfg.unet.context_dim, n, heads)
     print(f"fit-layout: encoding {items} Shapes captions", file=sys.stderr)
     fit(layout_map, examples(text, res, items, seed), steps, seed=seed,
         log=lambda s, ground, gate: print(f"fit-layout: step {s}, grounding loss {ground:.4f}, gate {gate:.4f}",
                                           file=sys.stderr))
     agreement = side_agreement(layout_map, examples(text, res, 2000, seed + 7))
-    new = dataclasses.replace(cfg, unet=dataclasses.replace(cfg.unet, layout_map=n),
+    new = dataclasses.replace(cfg, unet=dataclasses.replace(cfg.unet, layout_map=n, layout_heads=heads),
                               defaults=dataclasses.replace(cfg.defaults, layout_guidance=strength,
                                                            layout_start=start))
     from ..unet import UNet

@@ -40,6 +40,7 @@ async function loadInfo() {
   const d = info.defaults;
   $("sampler").value = d.sampler; $("steps").value = d.steps; $("cfg").value = d.cfg;
   $("guidance_rescale").value = d.guidance_rescale;
+  $("layout_guidance").value = d.layout_guidance ?? 0;
   $("width").value = d.width; $("height").value = d.height;
 }
 
@@ -111,7 +112,7 @@ function request(kind) {
   const body = {
     kind, prompt: $("prompt").value, negative_prompt: $("negative_prompt").value,
     sampler: $("sampler").value, steps: num("steps"), cfg: num("cfg"), seed: num("seed"),
-    guidance_rescale: num("guidance_rescale"),
+    guidance_rescale: num("guidance_rescale"), layout_guidance: num("layout_guidance"),
     width: num("width"), height: num("height"), batch: kind === "explain" ? 1 : num("batch"),
   };
   if (kind === "img2img" || kind === "inpaint") {
@@ -200,6 +201,7 @@ function reuseSettings(r, seed) {
   $("prompt").value = r.prompt; $("negative_prompt").value = r.negative_prompt;
   $("sampler").value = r.sampler; $("steps").value = r.steps; $("cfg").value = r.cfg;
   $("guidance_rescale").value = r.guidance_rescale ?? 0;
+  $("layout_guidance").value = r.layout_guidance ?? 0;
   $("seed").value = seed; $("width").value = r.width; $("height").value = r.height; $("batch").value = 1;
 }
 
