@@ -158,3 +158,15 @@ def test_fit_layout_writes_a_model_that_generates_with_it(tiny_model, tmp_path):
     assert main(["generate", "a red circle", "--model", str(tiny_model), "--layout-guidance", "2",
                  "--output", str(tmp_path / "x.png")]) == 2  # no map: a clear error, no file
     assert not (tmp_path / "x.png").exists()
+
+
+def test_unet_training_leaves_the_map_alone():
+    # fitted apart by fit-layout: frozen, so a fine-tune (DDP included) neither waits for nor changes it
+    from mezzotint.train.loop import param_groups
+    unet = _with_map(trained_like_unet()).train()
+    x, c, m = _inputs()
+    unet(x, torch.tensor([700.0, 700.0]), c, m).square().mean().backward()
+    assert all(p.grad is None and not p.requires_grad for p in unet.layout_map.parameters())
+    trained = {id(p) for g in param_groups(unet, 1.0) for p in g["params"]}
+    assert not trained & {id(p) for p in unet.layout_map.parameters()}
+    assert unet.conv_in.weight.grad is not None

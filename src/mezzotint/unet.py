@@ -212,9 +212,10 @@ class UNet(nn.Module):
             self.input_gate = Linear(temb, ch0)
         if cfg.layout:
             self.layout = LayoutPrior(ch0, max(1, ch0 // cfg.head_dim), cfg.context_dim, cfg.layout)
-        if cfg.layout_map:  # layout guidance (layout.py); inference only, off until set_layout_guidance
-            self.layout_map = LayoutMap(cfg.context_dim, cfg.layout_map, cfg.layout_heads)
-        self.layout_guidance = (0.0, 0.0)  # (strength, first timestep it applies at, from the top)
+        if cfg.layout_map:  # layout guidance (layout.py), at inference only
+            # fitted apart (fit-layout), never by UNet training: frozen, so DDP does not wait for its gradients
+            self.layout_map = LayoutMap(cfg.context_dim, cfg.layout_map, cfg.layout_heads).requires_grad_(False)
+        self.layout_guidance = (0.0, 0.0)  # (strength, lowest timestep it applies at); the pipeline sets it
         self.conv_norm_out = nn.GroupNorm(cfg.groups, ch)
         self.conv_out = Conv2d(ch, cfg.out_channels, 3, padding=1)
         if cfg.context_layers:
