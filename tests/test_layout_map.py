@@ -170,3 +170,13 @@ def test_unet_training_leaves_the_map_alone():
     trained = {id(p) for g in param_groups(unet, 1.0) for p in g["params"]}
     assert not trained & {id(p) for p in unet.layout_map.parameters()}
     assert unet.conv_in.weight.grad is not None
+
+
+def test_fit_layout_copies_a_bundled_text_encoder(tiny_model, tmp_path):
+    from mezzotint.sd import convert
+    bundled = convert(tiny_model, tmp_path / "bundled", to="mezzotint")  # text_encoder/ inside
+    assert main(["fit-layout", "--model", str(bundled), "--output", str(tmp_path / "out"), "--steps", "2",
+                 "--items", "32"]) == 0
+    pipe = Pipeline.load(tmp_path / "out", device="cpu")
+    assert (tmp_path / "out" / pipe.config.text.path).is_dir()
+    pipe(defaults_for(pipe.config, "a red circle", steps=2))

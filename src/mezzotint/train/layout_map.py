@@ -154,4 +154,9 @@ def add_layout_map(model: str, output: str, steps: int = 2500, items: int = 2000
     missing, unexpected = grown.load_state_dict(unet.state_dict(), strict=False)
     assert not unexpected and all(k.startswith("layout_map.") for k in missing), (missing, unexpected)
     grown.layout_map.load_state_dict(layout_map.state_dict())
-    return save_model(output, grown, vae, new), agreement
+    out = save_model(output, grown, vae, new)
+    src = Path(cfg.text.path)
+    if not cfg.text.path.startswith("builtin:") and not src.is_absolute() and (base / src).resolve() != (out / src).resolve():
+        import shutil  # a text encoder bundled in the model folder goes with the copy
+        shutil.copytree(base / src, out / src, dirs_exist_ok=True)
+    return out, agreement
