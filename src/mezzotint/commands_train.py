@@ -91,9 +91,10 @@ def fit_layout(args) -> int:
     from .train.layout_map import add_layout_map
     if min(args.steps, args.items, args.frequencies, args.heads) < 1:
         raise UsageError("--steps, --items, --frequencies and --heads must be >= 1")
-    if args.strength < 0 or not 0 <= args.start <= 1000:
-        raise UsageError("--strength must be >= 0 and --start a timestep in [0, 1000]")
     model_path, cfg = _model_config(args.model)
+    T = cfg.scheduler.num_train_timesteps
+    if args.strength < 0 or not 0 <= args.start <= T:
+        raise UsageError(f"--strength must be >= 0 and --start a timestep in [0, {T}]")
     if cfg.text.kind != "bert":
         raise UsageError(f"fit-layout needs a BERT-family text encoder (it reads token offsets); this model's is "
                          f"{cfg.text.kind!r}")

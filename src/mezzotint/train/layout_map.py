@@ -122,7 +122,7 @@ def side_agreement(layout_map, data) -> float:
 
 
 def add_layout_map(model: str, output: str, steps: int = 2500, items: int = 20000, seed: int = 0,
-                   strength: float = 2.0, start: float = 500.0, n: int = 8, heads: int = 4) -> tuple:
+                   strength: float = 3.0, start: float = 400.0, n: int = 8, heads: int = 4) -> tuple:
     """Fit a layout map for the model's text encoder and latent size, and write the model with it
     (and layout guidance on by default at `strength`) to `output`. Returns (path, held-out side
     agreement)."""
