@@ -31,6 +31,15 @@ def word_objects(word: str, scene) -> list[int]:
     return [k for k, o in enumerate(scene.objects) if getattr(o, kind) == value]
 
 
+def whole_word(caption: str, start: int, end: int) -> str:
+    """The token at caption[start:end] widened to its whole word (letters only), lower case."""
+    while start > 0 and caption[start - 1].isalpha():
+        start -= 1
+    while end < len(caption) and caption[end].isalpha():
+        end += 1
+    return caption[start:end].lower()
+
+
 def token_targets(caption: str, scene, tokenizer, res: int) -> tuple[list[int], list[np.ndarray]]:
     """(token rows, masks): for each token of a word that names objects, its row in the
     encoder's output (after the start token) and the union of those objects' coverage at
@@ -41,12 +50,7 @@ def token_targets(caption: str, scene, tokenizer, res: int) -> tuple[list[int], 
     for pos, (start, end) in enumerate(enc["offset_mapping"]):
         if end <= start:
             continue
-        a, b = start, end  # widen the token to its whole word (letters only)
-        while a > 0 and caption[a - 1].isalpha():
-            a -= 1
-        while b < len(caption) and caption[b].isalpha():
-            b += 1
-        objs = word_objects(caption[a:b].lower(), scene)
+        objs = word_objects(whole_word(caption, start, end), scene)
         if not objs:
             continue
         m = np.zeros((res, res), np.float32)

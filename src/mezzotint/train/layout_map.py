@@ -18,19 +18,14 @@ import torch
 import torch.nn.functional as F
 
 from ..data.shapes import ShapesDataset
-from .grounding import attention_loss, token_targets, word_objects
+from .grounding import attention_loss, token_targets, whole_word, word_objects
 
 
 def first_named(caption: str, scene, tokenizer) -> int | None:
     """Index of the scene object that the caption's first object-naming word names alone."""
     enc = tokenizer(caption, add_special_tokens=False, return_offsets_mapping=True)
     for start, end in enc["offset_mapping"]:
-        a, b = start, end
-        while a > 0 and caption[a - 1].isalpha():
-            a -= 1
-        while b < len(caption) and caption[b].isalpha():
-            b += 1
-        objs = word_objects(caption[a:b].lower(), scene)
+        objs = word_objects(whole_word(caption, start, end), scene)
         if len(objs) == 1:
             return objs[0]
     return None
