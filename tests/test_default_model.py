@@ -86,7 +86,7 @@ def test_default_model_has_layout_guidance_on_and_it_gets_relations_right(pipe):
     prompts = [c for c, cat in prompt_set(16, seed=0) if cat == "position"]
     req = defaults_for(pipe.config, prompts[0], seed=0)
     right = {}
-    for s in (req.layout_guidance, 0.0):
-        results = pipe(dataclasses.replace(req, layout_guidance=s), prompts)
+    for s, k in ((req.layout_guidance, 1), (0.0, 1)):  # the candidates apart: test_layout_candidates
+        results = pipe(dataclasses.replace(req, layout_guidance=s, layout_candidates=k), prompts)
         right[s] = sum(judge(r.image, p).correct for r, p in zip(results, prompts))
     assert right[req.layout_guidance] >= 9 and right[req.layout_guidance] >= right[0.0] + 4, right

@@ -134,6 +134,8 @@ def test_explain_job_serves_the_xray(client):
     ({"prompt": "x", "colour": "red"}, 422, "colour: Extra inputs are not permitted"),
     ({"prompt": "x", "steps": 0}, 422, "steps"),
     ({"prompt": "x", "guidance_rescale": 1.5}, 422, "guidance_rescale"),
+    ({"prompt": "x", "layout_candidates": 0}, 422, "layout_candidates"),
+    ({"prompt": "x", "layout_candidates": 2}, 400, "layout candidates need a model with a layout map"),
     ({"prompt": "x", "sampler": "k_lms"}, 400, "unknown sampler 'k_lms'; allowed: DDPM (ddpm)"),
     ({"prompt": "x", "width": 30}, 400, "width must be a positive multiple of 4"),
     ({"prompt": "x", "width": 512}, 400, "width 512 is over this server's limit of 256 (--max-width)"),

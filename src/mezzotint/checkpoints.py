@@ -114,7 +114,23 @@ def read_config(path) -> ModelConfig:
     return cfg
 
 
+ALIGN = 64  # bytes: what PyTorch's CPU allocator gives
+ALIGN_BELOW = 256 << 20  # a part's bytes under which its misaligned weights are copied
+
+
+def _aligned(state: dict, device, dtype) -> dict:
+    """The state with each tensor that would be used in place (CPU, its own dtype) at an
+    ALIGN-byte address: a safetensors file packs tensors back to back, and on the CPU the GEMM
+    and conv kernels take other paths (and round differently) for weights that are not aligned,
+    so the same weights in two files (a model and its fit-layout copy) gave images 1e-6 apart.
+    Parts of ALIGN_BELOW bytes and more keep their mapping: no second copy of a large model."""
+    if torch.device(device).type != "cpu" or sum(v.nbytes for v in state.values()) >= ALIGN_BELOW:
+        return state
+    return {k: v.clone() if v.dtype == dtype and v.data_ptr() % ALIGN else v for k, v in state.items()}
+
+
 def _build(cls, cfg, state: dict, name: str, where, device, dtype):
+    state = _aligned(state, device, dtype)
     with torch.device("meta"):
         module = cls(cfg)
     try:

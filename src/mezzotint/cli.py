@@ -65,6 +65,10 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--layout-guidance", type=finite_float, metavar="S",
                    help="strength of layout guidance: the model's layout map, read off the prompt, steers "
                         "the noisy steps' cross-attention (models with one; 0 = off; model default)")
+    g.add_argument("--layout-candidates", type=int, metavar="K",
+                   help="draw K initial noises per image and keep the one whose first-step attention best "
+                        "agrees with the layout map, for prompts whose objects it puts apart (models with "
+                        "one; 1 = off; model default)")
     g.add_argument("--width", type=int, metavar="PX", help="pixels, a multiple of the autoencoder factor")
     g.add_argument("--height", type=int, metavar="PX", help="pixels, a multiple of the autoencoder factor")
     r = p.add_argument_group("model and device")
@@ -263,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--strength", type=finite_float, default=3.0, help="default layout guidance strength (3)")
     f.add_argument("--start", type=finite_float, default=400.0,
                    help="guidance applies from the top of the schedule down to this timestep (default 400)")
+    f.add_argument("--candidates", type=int, default=8,
+                   help="default layout candidates: initial noises per image to choose among by the map (8)")
     f.add_argument("--seed", type=int, default=0)
 
     n = sub.add_parser("new-model", help="write a model with random weights from a preset (for tests or training)")

@@ -94,7 +94,7 @@ def _prepare(args, prompts: list[str], numbered_from_zero: bool = False, size=No
     req = defaults_for(cfg, prompts[0], negative_prompt=args.negative_prompt, seed=args.seed,
                        steps=args.steps, sampler=args.sampler, cfg=args.cfg, width=width,
                        height=height, karras=args.karras, eta=args.eta, guidance_rescale=args.guidance_rescale,
-                       layout_guidance=args.layout_guidance)
+                       layout_guidance=args.layout_guidance, layout_candidates=args.layout_candidates)
     try:
         check_request(req, cfg)
         device = resolve_device(args.device)

@@ -95,13 +95,17 @@ def fit_layout(args) -> int:
     T = cfg.scheduler.num_train_timesteps
     if args.strength < 0 or not 0 <= args.start <= T:
         raise UsageError(f"--strength must be >= 0 and --start a timestep in [0, {T}]")
+    from .pipeline import MAX_CANDIDATES
+    if not 1 <= args.candidates <= MAX_CANDIDATES:
+        raise UsageError(f"--candidates must be in [1, {MAX_CANDIDATES}], got {args.candidates}")
     if cfg.text.kind != "bert":
         raise UsageError(f"fit-layout needs a BERT-family text encoder (it reads token offsets); this model's is "
                          f"{cfg.text.kind!r}")
     _writable_target(args.output)
     try:
         path, agreement = add_layout_map(str(model_path), str(args.output), args.steps, args.items, args.seed,
-                                         args.strength, args.start, args.frequencies, args.heads)
+                                         args.strength, args.start, args.frequencies, args.heads,
+                                         args.candidates)
     except ValueError as e:
         raise UsageError(str(e)) from None
     print(f"layout map: held-out side agreement {agreement:.3f}", file=sys.stderr)
@@ -120,7 +124,7 @@ def eval(args) -> int:  # noqa: A001 (the command's name)
     req = defaults_for(cfg, "", negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps,
                        sampler=args.sampler, cfg=args.cfg, width=args.width, height=args.height,
                        karras=args.karras, eta=args.eta, guidance_rescale=args.guidance_rescale,
-                       layout_guidance=args.layout_guidance)
+                       layout_guidance=args.layout_guidance, layout_candidates=args.layout_candidates)
     try:
         check_request(req, cfg)
         resolve_dtype(args.dtype, resolve_device(args.device))

@@ -96,6 +96,7 @@ class SampleDefaults:
     guidance_rescale: float = 0.0  # guidance rescale phi by default (Lin et al. 2024), 0 = off
     layout_guidance: float = 0.0  # layout guidance strength by default (models with a layout map), 0 = off
     layout_start: float = 500.0  # layout guidance applies to the steps at this timestep and above
+    layout_candidates: int = 1  # initial noises to choose among by the layout map, 1 = off
     width: int = 64  # default image width in pixels
     height: int = 64  # default image height in pixels
 

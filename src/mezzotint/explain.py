@@ -47,13 +47,14 @@ def record_cross_attention(unet: torch.nn.Module, batch: int, latent_hw: tuple[i
             total[0] += up
 
     attns = [m for name, m in unet.named_modules() if name.endswith("attn2")]
+    before = [m.probe for m in attns]  # nested recordings (choose_noise inside explain) restore the outer
     for m in attns:
         m.probe = probe
     try:
         yield total
     finally:
-        for m in attns:
-            m.probe = None
+        for m, was in zip(attns, before):
+            m.probe = was
 
 
 BEGIN, END = {"[CLS]", "<|startoftext|>"}, {"[SEP]", "<|endoftext|>"}

@@ -82,3 +82,24 @@ class LayoutMap(nn.Module):
                 b = b.masked_fill(~mask[..., None], 0.0)
             out.append(b.transpose(1, 2)[:, None].contiguous())
         return out
+
+
+APART = 0.9  # separation (below) from which a prompt's objects have places of their own
+
+
+def separation(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """(B,) how far apart the map puts the prompt's object words: the gated mean L1 distance of
+    each word's share (p: (B, L, N)) from the words' gated mean (g: (B, L)). About 1 for two
+    objects on two sides, about 0.5 for one object (its words' maps differ a little), 0 if
+    every word has the same map."""
+    mean = (g[..., None] * p).sum(1, keepdim=True) / g.sum(1).clamp(min=1e-12)[:, None, None]
+    return (g * (p - mean).abs().sum(-1)).sum(1) / g.sum(1).clamp(min=1e-12)
+
+
+def agreement(a: torch.Tensor, p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """(B, K) how well K attention maps per prompt, a: (B, K, L, N) (each word's attention over
+    the cells, summed over layers and heads), agree with the map's shares p: (B, L, N): each
+    word's expected share under its attention, N times (1 = no agreement beyond chance),
+    summed over the words weighted by g."""
+    a = a / a.sum(-1, keepdim=True).clamp(min=1e-12)
+    return ((a * p[:, None]).sum(-1) * p.shape[-1] * g[:, None]).sum(-1)

@@ -37,6 +37,8 @@ def a1111_parameters(record: dict) -> str:
         fields["CFG Rescale phi"] = r["guidance_rescale"]  # as the sd-webui CFG rescale extension
     if r.get("layout_guidance"):
         fields["Layout guidance"] = r["layout_guidance"]
+    if r.get("layout_candidates", 1) > 1:
+        fields["Layout candidates"] = r["layout_candidates"]
     if r["sampler"] == "ddim" and r["eta"]:
         fields["Eta DDIM"] = r["eta"]
     edit = record.get("edit")

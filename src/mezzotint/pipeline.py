@@ -21,6 +21,7 @@ from .vae import to_uint8
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_SEED = 2**63 - 1
+MAX_CANDIDATES = 64
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class Request:
     eta: float = 0.0  # ddim only: 0 deterministic, 1 ancestral
     guidance_rescale: float = 0.0  # phi of Lin et al. 2024 (diffusers' guidance_rescale), 0 = off
     layout_guidance: float = 0.0  # strength of layout guidance (layout.py; models with a layout map), 0 = off
+    layout_candidates: int = 1  # initial noises to choose among by the layout map (choose_noise), 1 = off
 
     def for_image(self, k: int) -> "Request":
         return replace(self, seed=self.seed + k)
@@ -47,7 +49,8 @@ def defaults_for(model: ModelConfig, prompt: str, **overrides) -> Request:
     """A request with the model's defaults where `overrides` gives None."""
     d = model.defaults
     base = dict(sampler=d.sampler, steps=d.steps, cfg=d.cfg, karras=d.karras, width=d.width, height=d.height,
-                guidance_rescale=d.guidance_rescale, layout_guidance=d.layout_guidance)
+                guidance_rescale=d.guidance_rescale, layout_guidance=d.layout_guidance,
+                layout_candidates=d.layout_candidates)
     base.update({k: v for k, v in overrides.items() if v is not None})
     return Request(prompt=prompt, **base)
 
@@ -78,6 +81,12 @@ def check_request(req: Request, cfg: ModelConfig) -> None:
     if req.layout_guidance and not cfg.unet.layout_map:
         raise ValueError("layout guidance needs a model with a layout map (mezzotint fit-layout adds one); "
                          "this model has none: use --layout-guidance 0")
+    if (isinstance(req.layout_candidates, bool) or not isinstance(req.layout_candidates, int)
+            or not 1 <= req.layout_candidates <= MAX_CANDIDATES):
+        raise ValueError(f"layout candidates must be an integer in [1, {MAX_CANDIDATES}], got {req.layout_candidates!r}")
+    if req.layout_candidates > 1 and not cfg.unet.layout_map:
+        raise ValueError("layout candidates need a model with a layout map (mezzotint fit-layout adds one); "
+                         "this model has none: use --layout-candidates 1")
 
 
 CONTEXT_BUCKET = 8  # prompt lengths are padded (masked) to a multiple of this
@@ -254,6 +263,46 @@ class Pipeline:
         sigmas = sigmas[req.steps - min(int(req.steps * strength), req.steps):]
         return init.to(self.device) + noise * sigmas[0], sigmas
 
+    def choose_noise(self, x, sigmas, cond, gens, k: int) -> torch.Tensor:
+        """Step 3b (text to image, models with a layout map): of k initial noises per image (the
+        one drawn, then k - 1 more from its generator), the one where the UNet's own
+        cross-attention at the first step, without layout guidance, best agrees with the map.
+
+        On 16x16 latents the first steps put the objects where the noise favours them, and
+        layout guidance steers attention, not the noise: with a noise that wants the square on
+        the left it recolours the objects instead of moving them (their shapes come out
+        swapped). Choosing the noise is Initial Noise Optimization's idea (Guo et al. 2024) by
+        selection instead of gradients. Only for prompts whose objects the map puts apart
+        (layout.separation): for one object, or several of one kind, agreeing with the map's
+        single blob favours noises that crowd them together. Image by image, so an image does
+        not depend on its batch."""
+        from .explain import record_cross_attention
+        from .layout import APART, agreement, separation
+        lm, (h, w) = self.unet.layout_map, x.shape[-2:]
+        dt = next(lm.parameters()).dtype
+        scale = math.sqrt(1.0 + float(sigmas[0]) ** 2)
+        saved, self.unet.layout_guidance = self.unet.layout_guidance, (0.0, 0.0)
+        out = []
+        try:
+            with torch.inference_mode():
+                for b in range(x.shape[0]):
+                    ctx, mask = cond["context"][b:b + 1], cond["context_mask"][b:b + 1]
+                    c = ctx.to(dt)
+                    p = lm.shares(c, mask, h, w).flatten(2).float()  # (1, L, N)
+                    g = torch.sigmoid(lm.gate(c)[..., 0]).float() * mask
+                    if float(separation(p, g)) < APART:
+                        out.append(x[b])
+                        continue
+                    cands = torch.cat([x[b:b + 1], randn((k - 1, *x.shape[1:]), gens[b], self.device) * scale])
+                    with record_cross_attention(self.unet, k, (h, w), (h, w)) as total:
+                        self.denoiser(cands, sigmas[0], context=ctx.expand(k, -1, -1),
+                                      context_mask=mask.expand(k, -1))
+                    best = int(agreement(total[0].flatten(2)[None].to(p.device), p, g).argmax())
+                    out.append(cands[best])
+        finally:
+            self.unet.layout_guidance = saved
+        return torch.stack(out)
+
     def denoise(self, x, sigmas, req: Request, cond, uncond, gens, callback=None, extra=None, keep=None):
         """Step 4: run the sampler over the guided denoiser. `keep` = (mask, latent): where the
         latent mask is 0 the clean prediction is replaced by the known latent at every step
@@ -365,6 +414,8 @@ class Pipeline:
             keep = tuple(t.to(self.device) for t in keep)
         gens = generators(req.seed, len(prompts))
         x, sigmas = self.initial_latent(req, gens, self.sigmas(req), init, strength)
+        if req.layout_candidates > 1 and (init is None or strength >= 1.0) and keep is None and concat is None:
+            x = self.choose_noise(x, sigmas, cond, gens, req.layout_candidates)
         # strength below 1 / steps runs no step at all: the image's own latent comes back
         latent = x if len(sigmas) < 2 else self.denoise(x, sigmas, req, cond, uncond, gens, callback, keep=keep)
         images = self.decode(latent)

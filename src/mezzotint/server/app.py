@@ -50,6 +50,8 @@ class JobRequest(BaseModel):
     layout_guidance: float | None = Field(None, ge=0, allow_inf_nan=False,
                                           description="layout guidance strength (models with a layout map; "
                                           "0 = off; model default)")
+    layout_candidates: int | None = Field(None, ge=1, description="initial noises per image to choose among "
+                                          "by the layout map (models with one; 1 = off; model default)")
     batch: int = Field(1, ge=1, description="images, in one forward pass")
     strength: float | None = Field(None, ge=0, le=1, description="edits: how much to change, 0..1 "
                                    "(default 0.75 img2img, 1 inpaint)")
@@ -201,6 +203,7 @@ def create_app(models, limits: Limits | None = None, token: str | None = None,
                           negative_prompt=body.negative_prompt, seed=body.seed, steps=body.steps,
                           sampler=body.sampler, cfg_scale=body.cfg, width=body.width, height=body.height,
                           guidance_rescale=body.guidance_rescale, layout_guidance=body.layout_guidance,
+                          layout_candidates=body.layout_candidates,
                           karras=body.karras, eta=body.eta, batch=body.batch, image=body.image,
                           mask=body.mask, strength=body.strength, mask_blur=body.mask_blur)
         job = queue.submit(spec)

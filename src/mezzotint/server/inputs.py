@@ -131,7 +131,7 @@ def build_spec(cfg, limits: Limits, *, kind: str, prompt: str, negative_prompt: 
                seed: int | None = None, steps: int | None = None, sampler: str | None = None,
                cfg_scale: float | None = None, width: int | None = None, height: int | None = None,
                karras: bool | None = None, eta: float = 0.0, guidance_rescale: float | None = None,
-               layout_guidance: float | None = None, batch: int = 1, n_iter: int = 1,
+               layout_guidance: float | None = None, layout_candidates: int | None = None, batch: int = 1, n_iter: int = 1,
                image: str | None = None, mask: str | None = None, strength: float | None = None,
                mask_blur: float | None = None, fill: int = 1, invert_mask: bool = False) -> JobSpec:
     """Check everything a job needs against the model config `cfg` and the server's limits."""
@@ -187,7 +187,7 @@ def build_spec(cfg, limits: Limits, *, kind: str, prompt: str, negative_prompt: 
     req = defaults_for(cfg, prompt, negative_prompt=negative_prompt or "", seed=seed, steps=steps,
                        sampler=sampler, cfg=cfg_scale, width=width, height=height, karras=karras,
                        eta=eta if eta is not None else 0.0, guidance_rescale=guidance_rescale,
-                       layout_guidance=layout_guidance)
+                       layout_guidance=layout_guidance, layout_candidates=layout_candidates)
     for name, v, top in (("width", req.width, limits.max_width), ("height", req.height, limits.max_height),
                          ("steps", req.steps, limits.max_steps)):
         if v > top:  # the model's defaults may exceed a strict server's limits

@@ -117,7 +117,8 @@ def side_agreement(layout_map, data) -> float:
 
 
 def add_layout_map(model: str, output: str, steps: int = 2500, items: int = 20000, seed: int = 0,
-                   strength: float = 3.0, start: float = 400.0, n: int = 8, heads: int = 4) -> tuple:
+                   strength: float = 3.0, start: float = 400.0, n: int = 8, heads: int = 4,
+                   candidates: int = 8) -> tuple:
     """Fit a layout map for the model's text encoder and latent size, and write the model with it
     (and layout guidance on by default at `strength`) to `output`. Returns (path, held-out side
     agreement)."""
@@ -143,7 +144,7 @@ def add_layout_map(model: str, output: str, steps: int = 2500, items: int = 2000
     agreement = side_agreement(layout_map, examples(text, res, 2000, seed + 7))
     new = dataclasses.replace(cfg, unet=dataclasses.replace(cfg.unet, layout_map=n, layout_heads=heads),
                               defaults=dataclasses.replace(cfg.defaults, layout_guidance=strength,
-                                                           layout_start=start))
+                                                           layout_start=start, layout_candidates=candidates))
     from ..unet import UNet
     grown = UNet(new.unet)
     missing, unexpected = grown.load_state_dict(unet.state_dict(), strict=False)

@@ -41,6 +41,7 @@ async function loadInfo() {
   $("sampler").value = d.sampler; $("steps").value = d.steps; $("cfg").value = d.cfg;
   $("guidance_rescale").value = d.guidance_rescale;
   $("layout_guidance").value = d.layout_guidance ?? 0;
+  $("layout_candidates").value = d.layout_candidates ?? 1;
   $("width").value = d.width; $("height").value = d.height;
 }
 
@@ -113,6 +114,7 @@ function request(kind) {
     kind, prompt: $("prompt").value, negative_prompt: $("negative_prompt").value,
     sampler: $("sampler").value, steps: num("steps"), cfg: num("cfg"), seed: num("seed"),
     guidance_rescale: num("guidance_rescale"), layout_guidance: num("layout_guidance"),
+    layout_candidates: num("layout_candidates"),
     width: num("width"), height: num("height"), batch: kind === "explain" ? 1 : num("batch"),
   };
   if (kind === "img2img" || kind === "inpaint") {
@@ -202,6 +204,7 @@ function reuseSettings(r, seed) {
   $("sampler").value = r.sampler; $("steps").value = r.steps; $("cfg").value = r.cfg;
   $("guidance_rescale").value = r.guidance_rescale ?? 0;
   $("layout_guidance").value = r.layout_guidance ?? 0;
+  $("layout_candidates").value = r.layout_candidates ?? 1;
   $("seed").value = seed; $("width").value = r.width; $("height").value = r.height; $("batch").value = 1;
 }
 
