@@ -115,7 +115,6 @@ def read_config(path) -> ModelConfig:
 
 
 ALIGN = 64  # bytes: what PyTorch's CPU allocator gives
-ALIGN_BELOW = 256 << 20  # a part's bytes under which its misaligned weights are copied
 
 
 def _aligned(state: dict, device, dtype) -> dict:
@@ -123,14 +122,18 @@ def _aligned(state: dict, device, dtype) -> dict:
     ALIGN-byte address: a safetensors file packs tensors back to back, and on the CPU the GEMM
     and conv kernels take other paths (and round differently) for weights that are not aligned,
     so the same weights in two files (a model and its fit-layout copy) gave images 1e-6 apart.
-    Parts of ALIGN_BELOW bytes and more keep their mapping: no second copy of a large model."""
-    if torch.device(device).type != "cpu" or sum(v.nbytes for v in state.values()) >= ALIGN_BELOW:
+    Parts as large as those that stream (pages.STREAM_MIN_BYTES) keep their mapping: no second
+    copy of a large model, and streaming needs file pages."""
+    from . import pages
+    if torch.device(device).type != "cpu" or sum(v.nbytes for v in state.values()) >= pages.STREAM_MIN_BYTES:
         return state
     return {k: v.clone() if v.dtype == dtype and v.data_ptr() % ALIGN else v for k, v in state.items()}
 
 
-def _build(cls, cfg, state: dict, name: str, where, device, dtype):
-    state = _aligned(state, device, dtype)
+def _build(cls, cfg, state: dict, name: str, where, device, dtype, align: bool = False):
+    """align: our own format (see _aligned); Stable Diffusion files are left mapped."""
+    if align:
+        state = _aligned(state, device, dtype)
     with torch.device("meta"):
         module = cls(cfg)
     try:
@@ -148,8 +151,8 @@ def load_model(path, device="cpu", dtype=torch.float32) -> tuple[UNet, Autoencod
         states = {n: {k[len(n) + 1:]: v for k, v in flat.items() if k.startswith(n + ".")} for n in PARTS}
     else:
         states = {n: load_file(path / f"{n}.safetensors") for n in PARTS}
-    unet = _build(UNet, cfg.unet, states["unet"], "UNet", path, device, dtype)
-    vae = _build(AutoencoderKL, cfg.vae, states["vae"], "VAE", path, device, dtype)
+    unet = _build(UNet, cfg.unet, states["unet"], "UNet", path, device, dtype, align=True)
+    vae = _build(AutoencoderKL, cfg.vae, states["vae"], "VAE", path, device, dtype, align=True)
     return unet, vae, cfg
 
 
@@ -195,4 +198,4 @@ def load_vae(path, device="cpu", dtype=torch.float32) -> AutoencoderKL:
         cfg = read_config(path).vae
     file = path / "vae.safetensors"
     _check_tensors(file)
-    return _build(AutoencoderKL, cfg, load_file(file), "VAE", path, device, dtype)
+    return _build(AutoencoderKL, cfg, load_file(file), "VAE", path, device, dtype, align=True)

@@ -83,7 +83,8 @@ def check_request(req: Request, cfg: ModelConfig) -> None:
                          "this model has none: use --layout-guidance 0")
     if (isinstance(req.layout_candidates, bool) or not isinstance(req.layout_candidates, int)
             or not 1 <= req.layout_candidates <= MAX_CANDIDATES):
-        raise ValueError(f"layout candidates must be an integer in [1, {MAX_CANDIDATES}], got {req.layout_candidates!r}")
+        raise ValueError(f"layout candidates must be an integer in [1, {MAX_CANDIDATES}], "
+                         f"got {req.layout_candidates!r}")
     if req.layout_candidates > 1 and not cfg.unet.layout_map:
         raise ValueError("layout candidates need a model with a layout map (mezzotint fit-layout adds one); "
                          "this model has none: use --layout-candidates 1")

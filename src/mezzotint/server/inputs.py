@@ -131,7 +131,8 @@ def build_spec(cfg, limits: Limits, *, kind: str, prompt: str, negative_prompt: 
                seed: int | None = None, steps: int | None = None, sampler: str | None = None,
                cfg_scale: float | None = None, width: int | None = None, height: int | None = None,
                karras: bool | None = None, eta: float = 0.0, guidance_rescale: float | None = None,
-               layout_guidance: float | None = None, layout_candidates: int | None = None, batch: int = 1, n_iter: int = 1,
+               layout_guidance: float | None = None, layout_candidates: int | None = None,
+               batch: int = 1, n_iter: int = 1,
                image: str | None = None, mask: str | None = None, strength: float | None = None,
                mask_blur: float | None = None, fill: int = 1, invert_mask: bool = False) -> JobSpec:
     """Check everything a job needs against the model config `cfg` and the server's limits."""
