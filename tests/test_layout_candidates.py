@@ -118,3 +118,15 @@ def test_candidates_in_bfloat16():
     req = defaults_for(half.config, "a red circle to the left of a blue square", steps=4, layout_candidates=4)
     [r] = half(req)
     assert r.image.size == (64, 64) and r.request.layout_candidates == 4
+
+
+def test_explain_sees_the_chosen_noise_and_only_the_steps(pipe):
+    # choose_noise records attention inside explain's own recording: the outer one is restored
+    from mezzotint.explain import explain
+    req = defaults_for(pipe.config, "a red circle to the left of a blue square", seed=3, steps=4)
+    e = explain(pipe, req, trajectory=False)
+    assert np.array_equal(np.asarray(e.result.image), np.asarray(pipe(req)[0].image))
+    alone = explain(pipe, dataclasses.replace(req, layout_candidates=1), trajectory=False)
+    assert e.heatmaps.shape == alone.heatmaps.shape
+    # the same number of recorded passes: attention sums to layers x heads x steps per cell
+    assert np.allclose(e.heatmaps.sum(0).mean(), alone.heatmaps.sum(0).mean(), rtol=0.05)
