@@ -13,6 +13,9 @@ p_l is token l's share of the map over the N cells (pooled to each level's size)
 map's estimate that l names an object (other words, and the empty prompt, get ~0). This is
 Dense Diffusion's attention modulation (Kim et al. 2023) with a layout predicted from the text
 in place of one drawn by a user, as LLM-grounded diffusion (Lian et al. 2023) plans one.
+
+Guidance steers attention, not the noise, so the pipeline also chooses the initial noise by the
+map (Pipeline.choose_noise, with `separation` and `agreement` below).
 """
 from __future__ import annotations
 
@@ -84,7 +87,7 @@ class LayoutMap(nn.Module):
         return out
 
 
-APART = 0.9  # separation (below) from which a prompt's objects have places of their own
+APART = 0.9  # the separation from which a prompt's objects have places of their own
 
 
 def separation(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

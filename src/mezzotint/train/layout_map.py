@@ -120,8 +120,8 @@ def add_layout_map(model: str, output: str, steps: int = 2500, items: int = 2000
                    strength: float = 3.0, start: float = 400.0, n: int = 8, heads: int = 4,
                    candidates: int = 8) -> tuple:
     """Fit a layout map for the model's text encoder and latent size, and write the model with it
-    (and layout guidance on by default at `strength`) to `output`. Returns (path, held-out side
-    agreement)."""
+    (and layout guidance on by default at `strength`, with `candidates` initial noises) to
+    `output`. Returns (path, held-out side agreement)."""
     from pathlib import Path
 
     from ..checkpoints import load_model, save_model
