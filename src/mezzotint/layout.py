@@ -15,9 +15,11 @@ Dense Diffusion's attention modulation (Kim et al. 2023) with a layout predicted
 in place of one drawn by a user, as LLM-grounded diffusion (Lian et al. 2023) plans one.
 
 Guidance steers attention, not the noise, so the pipeline also chooses the initial noise by the
-map (Pipeline.choose_noise, with `separation` and `agreement` below).
+map (`choose_noise` below, with `separation` and `agreement`).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -69,12 +71,16 @@ class LayoutMap(nn.Module):
         w = w / w.sum(-1, keepdim=True).clamp(min=1e-12)
         return w.mean(1).unflatten(2, (H, W))
 
+    def gates(self, context) -> torch.Tensor:
+        """(B, L): the map's estimate that token l names an object."""
+        return torch.sigmoid(self.gate(context)[..., 0])
+
     def biases(self, context, mask, sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
         """Per size (h, w), the (B, 1, h*w, L) attention bias at strength 1 (no padding bias):
         the finest size's shares pooled to each size."""
         H, W = sizes[0]
         p = self.shares(context, mask, H, W)
-        g = torch.sigmoid(self.gate(context)[..., 0])  # (B, L)
+        g = self.gates(context)
         out = []
         for h, w in sizes:
             q = p if (h, w) == (H, W) else F.adaptive_avg_pool2d(p, (h, w))
@@ -106,3 +112,41 @@ def agreement(a: torch.Tensor, p: torch.Tensor, g: torch.Tensor) -> torch.Tensor
     summed over the words weighted by g."""
     a = a / a.sum(-1, keepdim=True).clamp(min=1e-12)
     return ((a * p[:, None]).sum(-1) * p.shape[-1] * g[:, None]).sum(-1)
+
+
+def choose_noise(denoiser, x: torch.Tensor, sigma, cond: dict, gens: list, k: int) -> torch.Tensor:
+    """Of k initial noises per image (x's row, then k - 1 more from the image's generator), the
+    one where the UNet's own cross-attention at the first step (sigma), without layout
+    guidance, best agrees with the map.
+
+    On 16x16 latents the first steps put the objects where the noise favours them, and layout
+    guidance steers attention, not the noise: with a noise that wants the square on the left it
+    recolours the objects instead of moving them (their shapes come out swapped). Choosing the
+    noise is Initial Noise Optimization's idea (Guo et al. 2024) by selection instead of
+    gradients. Only for prompts whose objects the map puts apart (separation): for one object,
+    or several of one kind, agreeing with the map's single blob favours noises that crowd them
+    together. Image by image, so an image does not depend on its batch."""
+    from .diffusion import randn
+    from .explain import record_cross_attention
+    unet = denoiser.model
+    lm, (h, w) = unet.layout_map, x.shape[-2:]
+    dt = next(lm.parameters()).dtype
+    scale = math.sqrt(1.0 + float(sigma) ** 2)  # as the pipeline's initial latent
+    saved, unet.layout_guidance = unet.layout_guidance, (0.0, 0.0)
+    out = []
+    try:
+        with torch.inference_mode():
+            for b in range(x.shape[0]):
+                ctx, mask = cond["context"][b:b + 1], cond["context_mask"][b:b + 1]
+                p = lm.shares(ctx.to(dt), mask, h, w).flatten(2).float()  # (1, L, N)
+                g = lm.gates(ctx.to(dt)).float() * mask
+                if float(separation(p, g)) < APART:
+                    out.append(x[b])
+                    continue
+                cands = torch.cat([x[b:b + 1], randn((k - 1, *x.shape[1:]), gens[b], x.device) * scale])
+                with record_cross_attention(unet, k, (h, w), (h, w)) as total:
+                    denoiser(cands, sigma, context=ctx.expand(k, -1, -1), context_mask=mask.expand(k, -1))
+                out.append(cands[int(agreement(total[0].flatten(2)[None].to(p.device), p, g).argmax())])
+    finally:
+        unet.layout_guidance = saved
+    return torch.stack(out)

@@ -265,44 +265,9 @@ class Pipeline:
         return init.to(self.device) + noise * sigmas[0], sigmas
 
     def choose_noise(self, x, sigmas, cond, gens, k: int) -> torch.Tensor:
-        """Step 3b (text to image, models with a layout map): of k initial noises per image (the
-        one drawn, then k - 1 more from its generator), the one where the UNet's own
-        cross-attention at the first step, without layout guidance, best agrees with the map.
-
-        On 16x16 latents the first steps put the objects where the noise favours them, and
-        layout guidance steers attention, not the noise: with a noise that wants the square on
-        the left it recolours the objects instead of moving them (their shapes come out
-        swapped). Choosing the noise is Initial Noise Optimization's idea (Guo et al. 2024) by
-        selection instead of gradients. Only for prompts whose objects the map puts apart
-        (layout.separation): for one object, or several of one kind, agreeing with the map's
-        single blob favours noises that crowd them together. Image by image, so an image does
-        not depend on its batch."""
-        from .explain import record_cross_attention
-        from .layout import APART, agreement, separation
-        lm, (h, w) = self.unet.layout_map, x.shape[-2:]
-        dt = next(lm.parameters()).dtype
-        scale = math.sqrt(1.0 + float(sigmas[0]) ** 2)
-        saved, self.unet.layout_guidance = self.unet.layout_guidance, (0.0, 0.0)
-        out = []
-        try:
-            with torch.inference_mode():
-                for b in range(x.shape[0]):
-                    ctx, mask = cond["context"][b:b + 1], cond["context_mask"][b:b + 1]
-                    c = ctx.to(dt)
-                    p = lm.shares(c, mask, h, w).flatten(2).float()  # (1, L, N)
-                    g = torch.sigmoid(lm.gate(c)[..., 0]).float() * mask
-                    if float(separation(p, g)) < APART:
-                        out.append(x[b])
-                        continue
-                    cands = torch.cat([x[b:b + 1], randn((k - 1, *x.shape[1:]), gens[b], self.device) * scale])
-                    with record_cross_attention(self.unet, k, (h, w), (h, w)) as total:
-                        self.denoiser(cands, sigmas[0], context=ctx.expand(k, -1, -1),
-                                      context_mask=mask.expand(k, -1))
-                    best = int(agreement(total[0].flatten(2)[None].to(p.device), p, g).argmax())
-                    out.append(cands[best])
-        finally:
-            self.unet.layout_guidance = saved
-        return torch.stack(out)
+        """Step 3b (text to image, a layout map): the best of k initial noises (layout.choose_noise)."""
+        from .layout import choose_noise
+        return choose_noise(self.denoiser, x, sigmas[0], cond, gens, k)
 
     def denoise(self, x, sigmas, req: Request, cond, uncond, gens, callback=None, extra=None, keep=None):
         """Step 4: run the sampler over the guided denoiser. `keep` = (mask, latent): where the
