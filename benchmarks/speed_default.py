@@ -9,7 +9,7 @@ choosing among the layout candidates costs; only prompts whose objects the map p
 Every run has its own prompt (a Shapes world caption) and seed, so no run is helped by the
 prompt encodings kept from the one before; the empty negative prompt is kept, as in use.
 
-    python benchmarks/speed_default.py [--model PATH] [--runs 20] [--batch 8]
+    python benchmarks/speed_default.py [--model PATH] [--runs 20] [--batch 8] [--dtype fast]
 """
 from __future__ import annotations
 
@@ -40,10 +40,11 @@ def main():
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--dtype", default=None, help="as `generate --dtype` (default float32)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    pipe = Pipeline.load(a.model or default_model(), device="cpu")
+    pipe = Pipeline.load(a.model or default_model(), device="cpu", dtype=a.dtype)
     prompts = [c for c, _ in prompt_set(max(1, (a.runs * 3 + a.batch * 2) // 7 + 1), seed=7)]
     req = defaults_for(pipe.config, prompts[0])
     for k in range(6):  # warm: kernels chosen, traces made for the usual prompt lengths
@@ -72,7 +73,7 @@ def main():
     graphs.ENABLED = True
     batched = {m: statistics.median(v[1:]) for m, v in btimes.items()}
     single = {m: statistics.median(v) for m, v in times.items()}
-    print(f"threads: {torch.get_num_threads()}  settings: {req.steps} steps, {req.sampler}, cfg {req.cfg}, "
+    print(f"threads: {torch.get_num_threads()}  dtype: {pipe.dtype}  settings: {req.steps} steps, {req.sampler}, cfg {req.cfg}, "
           f"layout guidance {layout}, {req.layout_candidates} layout candidates, {req.width}x{req.height}")
     for mode in modes:
         print(f"{mode:>9}: single image (median of {a.runs}) {single[mode] * 1000:.1f} ms "

@@ -8,7 +8,7 @@ backward, AdamW) after 3 warm-up steps on fixed random inputs of the training sh
 (UNet: 64 latents of 8x16x16 and 20 context tokens; autoencoder: 24 images of 64x64).
 Prints the median images/s of each mode and its ratio to the first.
 
-    python benchmarks/train_speed.py [--part unet|vae] [--rounds 3] [--steps 8]
+    python benchmarks/train_speed.py [--part unet|vae] [--rounds 3] [--steps 8] [--attention-levels 1,2]
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ MODES = {
 }
 
 
-def child(part: str, opts: dict, steps: int, threads: int) -> float:
+def child(part: str, opts: dict, steps: int, threads: int, levels: tuple) -> float:
     import torch
 
     from mezzotint.config import PRESETS
@@ -42,7 +42,7 @@ def child(part: str, opts: dict, steps: int, threads: int) -> float:
     cl = torch.channels_last if opts.get("cl") else torch.contiguous_format
     if part == "unet":
         from mezzotint.unet import UNet
-        model = UNet(dataclasses.replace(PRESETS["shapes"].unet, attention_levels=(0, 1, 2)))
+        model = UNet(dataclasses.replace(PRESETS["shapes"].unet, attention_levels=levels))
         B = 64
         x = torch.randn(B, 8, 16, 16).contiguous(memory_format=cl)
         t, ctx = torch.randint(0, 1000, (B,)).float(), torch.randn(B, 20, 384)
@@ -77,20 +77,24 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--attention-levels", default="0,1,2", help="UNet levels with transformers")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
-        print(json.dumps(child(a.part, MODES[a.part][a.child], a.steps, a.threads)))
+        levels = tuple(int(v) for v in a.attention_levels.split(","))
+        print(json.dumps(child(a.part, MODES[a.part][a.child], a.steps, a.threads, levels)))
         return
     rates = {m: [] for m in MODES[a.part]}
     for _ in range(a.rounds):
         for mode in rates:
             out = subprocess.run([sys.executable, __file__, "--part", a.part, "--child", mode, "--steps",
-                                  str(a.steps), "--threads", str(a.threads)], check=True, capture_output=True,
+                                  str(a.steps), "--threads", str(a.threads),
+                                  "--attention-levels", a.attention_levels], check=True, capture_output=True,
                                  text=True).stdout
             rates[mode].append(json.loads(out.strip().splitlines()[-1]))
     first = None
-    print(f"{a.part} training step, {a.threads} threads, median of {a.rounds} processes of {a.steps} steps:")
+    levels = f", attention levels {a.attention_levels}" if a.part == "unet" else ""
+    print(f"{a.part} training step{levels}, {a.threads} threads, median of {a.rounds} processes of {a.steps} steps:")
     for mode, r in rates.items():
         med = statistics.median(r)
         first = first or med

@@ -1,5 +1,6 @@
 """Training: tiny runs end to end, exact resume, resume after SIGKILL, DDP with 2 processes."""
 import json
+import platform
 import os
 import signal
 import subprocess
@@ -284,7 +285,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc")
 def test_keep_freed_memory_spares_the_page_faults_of_each_step():
     """Training steps allocate and free the same activations: kept, their pages fault in once
     (seen: 60-66k faults in 30 autoencoder steps by default, 5-7k kept: the first step's)."""
