@@ -126,3 +126,53 @@ def test_bf16_load_of_a_truncated_file_is_a_clear_error(tmp_path):
     cut.write_bytes(data[: len(data) // 2])
     with pytest.raises(ModelError, match="corrupt"):
         load_sd(cut, "cpu", torch.bfloat16)
+
+
+def test_cast_read_gives_each_tensor_its_own_memory(tmp_path):
+    """The bf16 load reads every tensor through one buffer: nothing kept may point into it."""
+    from safetensors.torch import save_file
+
+    from mezzotint.sd.tensors import _read_cast
+    ts = {"a": torch.randn(3, 5).to(torch.bfloat16), "b": torch.randn(40), "c": torch.arange(4),
+          "keep.d": torch.randn(2), "e": torch.zeros(0, 3)}
+    save_file(ts, tmp_path / "w.safetensors")
+    got = _read_cast(tmp_path / "w.safetensors", torch.bfloat16, ("keep.",))
+    want = {"a": ts["a"], "b": ts["b"].to(torch.bfloat16), "c": ts["c"], "keep.d": ts["keep.d"],
+            "e": ts["e"].to(torch.bfloat16)}
+    for k, v in want.items():
+        assert got[k].dtype == v.dtype and got[k].shape == v.shape and torch.equal(got[k], v), k
+    ptrs = [t.untyped_storage().data_ptr() for t in got.values() if t.numel()]
+    assert len(set(ptrs)) == len(ptrs)
+
+
+def test_bf16_inference_runs_channels_last_and_answers_in_the_usual_layout(tiny_pipe, monkeypatch):
+    """bfloat16 on the CPU: the UNet and the decoder run channels-last (oneDNN's bf16 kernels
+    want it), give contiguous outputs, and agree with the NCHW run to bf16 rounding; float32
+    and training keep NCHW."""
+    import copy
+    unet = copy.deepcopy(tiny_pipe.unet).to(torch.bfloat16).eval()
+    vae = copy.deepcopy(tiny_pipe.vae).to(torch.bfloat16).eval()
+    g = torch.Generator().manual_seed(0)
+    c = unet.cfg.in_channels
+    x = torch.randn(2, c, 8, 8, generator=g).to(torch.bfloat16)
+    ctx, mask = tiny_pipe.text.encode(["", "a red circle"])
+    t = torch.full((2,), 500.0)
+    with torch.inference_mode():
+        assert mnn.channels_last_wanted(x) and not mnn.channels_last_wanted(x.float())
+        seen = []  # per conv call: (channels-last, and only channels-last)
+        real = mnn.Conv2d.forward
+        monkeypatch.setattr(mnn.Conv2d, "forward", lambda self, h: seen.append((
+            h.is_contiguous(memory_format=torch.channels_last), not h.is_contiguous())) or real(self, h))
+        out, img = unet(x, t, ctx.to(torch.bfloat16), mask), vae.decode(x[:1])
+        assert seen and all(cl for cl, _ in seen) and any(only for _, only in seen)
+        assert out.is_contiguous() and img.is_contiguous()
+        import mezzotint.vae
+        for where in (mnn, mezzotint.vae):
+            monkeypatch.setattr(where, "channels_last_wanted", lambda x: False)
+        seen.clear()
+        ref, ref_img = unet(x, t, ctx.to(torch.bfloat16), mask), vae.decode(x[:1])
+        assert seen and not any(only for _, only in seen)
+    for a, b in ((out, ref), (img, ref_img)):
+        assert ((a.float() - b.float()).norm() / b.float().norm()) < 0.02
+    with torch.enable_grad():
+        assert not mnn.channels_last_wanted(x)

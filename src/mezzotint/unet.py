@@ -325,7 +325,8 @@ class UNet(nn.Module):
         emb = self.time_embedding(timestep_embedding(t, self.cfg.channels).to(x.dtype))
         if context_mask is not None:
             context_mask = attention_bias(context_mask, x.dtype)
-        h = self.conv_in(x)
+        cl = nn_.channels_last_wanted(x)
+        h = self.conv_in(x.contiguous(memory_format=torch.channels_last) if cl else x)
         if self.cfg.input_gate:
             # the ResBlocks take the timestep as a bias, so nothing else can scale the noise's
             # features down; at a zero-terminal-SNR schedule's last step they carry nothing
@@ -348,4 +349,5 @@ class UNet(nn.Module):
             for j in range(len(level.resnets)):
                 h = level.block(j, torch.cat([h, skips.pop()], dim=1), emb, context, masks[-1 - k])
             h = level.resample(h)
-        return self.conv_out(F.silu(self.conv_norm_out(h), inplace=not torch.is_grad_enabled()))
+        out = self.conv_out(F.silu(self.conv_norm_out(h), inplace=not torch.is_grad_enabled()))
+        return out.contiguous() if cl else out

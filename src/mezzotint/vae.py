@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import VAEConfig
-from .nn import Attention, Conv2d, Downsample, ResBlock, Upsample
+from .nn import Attention, Conv2d, Downsample, ResBlock, Upsample, channels_last_wanted
 
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:
@@ -149,6 +149,8 @@ class AutoencoderKL(nn.Module):
     def decode(self, latent):
         """UNet latent -> image in about [-1, 1]."""
         z = latent / self.cfg.scaling_factor + self.cfg.shift_factor
+        if channels_last_wanted(z):  # bfloat16 on the CPU (see nn.py)
+            return self.decoder(self.post_quant_conv(z.contiguous(memory_format=torch.channels_last))).contiguous()
         return self.decoder(self.post_quant_conv(z))
 
     def forward(self, x, noise=None):
