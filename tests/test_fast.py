@@ -147,18 +147,19 @@ def test_cast_read_gives_each_tensor_its_own_memory(tmp_path):
 
 def test_bf16_inference_runs_channels_last_and_answers_in_the_usual_layout(tiny_pipe, monkeypatch):
     """bfloat16 on the CPU: the UNet and the decoder run channels-last (oneDNN's bf16 kernels
-    want it), give contiguous outputs, and agree with the NCHW run to bf16 rounding; float32
-    and training keep NCHW."""
+    want it), give contiguous outputs, and agree with the NCHW run to bf16 rounding; float32,
+    training and small latents keep NCHW."""
     import copy
     unet = copy.deepcopy(tiny_pipe.unet).to(torch.bfloat16).eval()
     vae = copy.deepcopy(tiny_pipe.vae).to(torch.bfloat16).eval()
     g = torch.Generator().manual_seed(0)
     c = unet.cfg.in_channels
-    x = torch.randn(2, c, 8, 8, generator=g).to(torch.bfloat16)
+    x = torch.randn(2, c, 32, 32, generator=g).to(torch.bfloat16)
     ctx, mask = tiny_pipe.text.encode(["", "a red circle"])
     t = torch.full((2,), 500.0)
     with torch.inference_mode():
         assert mnn.channels_last_wanted(x) and not mnn.channels_last_wanted(x.float())
+        assert not mnn.channels_last_wanted(x[..., :16, :16])  # small latents: per-op overhead rules
         seen = []  # per conv call: (channels-last, and only channels-last)
         real = mnn.Conv2d.forward
         monkeypatch.setattr(mnn.Conv2d, "forward", lambda self, h: seen.append((
