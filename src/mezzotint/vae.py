@@ -149,9 +149,9 @@ class AutoencoderKL(nn.Module):
     def decode(self, latent):
         """UNet latent -> image in about [-1, 1]."""
         z = latent / self.cfg.scaling_factor + self.cfg.shift_factor
-        if channels_last_wanted(z):  # bfloat16 on the CPU (see nn.py)
-            return self.decoder(self.post_quant_conv(z.contiguous(memory_format=torch.channels_last))).contiguous()
-        return self.decoder(self.post_quant_conv(z))
+        cl = channels_last_wanted(z)  # bfloat16 on the CPU (see nn.py)
+        out = self.decoder(self.post_quant_conv(z.contiguous(memory_format=torch.channels_last) if cl else z))
+        return out.contiguous() if cl else out
 
     def forward(self, x, noise=None):
         """Training pass: (reconstruction through a sample of q(z|x), mean, logvar)."""

@@ -73,7 +73,7 @@ def _read_cast(path: Path, cast: torch.dtype, keep: tuple[str, ...]) -> dict[str
         items = [(k, v) for k, v in header.items() if k != "__metadata__"]
         # one read buffer for all tensors: fresh pages cost a fault each (on these VMs about
         # 6 us per 4 KiB once the page cache is full), reused ones nothing
-        buf = bytearray(max((b - a for _, (a, b) in ((k, v["data_offsets"]) for k, v in items)), default=0))
+        buf = bytearray(max((b - a for a, b in (v["data_offsets"] for _, v in items)), default=0))
         for name, info in items:
             a, b = info["data_offsets"]
             view = memoryview(buf)[:b - a]
