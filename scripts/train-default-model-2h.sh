@@ -10,7 +10,7 @@ set -euo pipefail
 RUNS="${RUNS:-runs/two-hour}"
 mezzotint train-vae --run-dir "$RUNS/vae" --preset shapes --steps 1600 --batch 24 --lr 8e-4 \
     --warmup 100 --precision bf16 --ckpt-every 250 --sample-every 800 --log-every 25 --threads 2
-mezzotint train --run-dir "$RUNS/unet" --preset shapes --vae "$RUNS/vae/model" \
+mezzotint train --run-dir "$RUNS/unet" --preset shapes --vae "$RUNS/vae/model" --kinds 1,3,3,3 \
     --steps 8000 --batch 64 --lr 6e-4 --warmup 300 --pool 60000 \
     --ckpt-every 250 --sample-every 4000 --log-every 25 --threads 2
 python - "$RUNS/unet/model/model.json" <<'PY'

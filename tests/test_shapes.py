@@ -8,7 +8,7 @@ import pytest
 from mezzotint.data.phrasing import HELDOUT, INVERSE, caption_variant, caption_variants, parse_caption
 from mezzotint.data.shapes import (
     BACKGROUNDS, COLOURS, GAP, SHAPES, SIZES, Facts, Named, Obj, Scene, ShapesDataset,
-    canonical_caption, coverage, describe, inside, relation_holds, render, sample_scene, scene_for,
+    canonical_caption, coverage, describe, inside, kind_weights, relation_holds, render, sample_scene, scene_for,
 )
 
 
@@ -164,3 +164,17 @@ def test_dataset_is_deterministic_and_shards():
     assert sorted(seen) == list(range(12))
     with pytest.raises(ValueError):
         ShapesDataset(phrasing="fancy")
+
+
+def test_kinds_reweight_the_mix_and_nothing_else():
+    plain, same = ShapesDataset(size=16, seed=3), ShapesDataset(size=16, seed=3, kinds="3,2,3,2")
+    assert all(plain.example(i)[2] == same.example(i)[2] for i in range(200))  # the default mix, spelled out
+    hard = ShapesDataset(size=16, seed=3, kinds="0,1,0,1")
+    got = [hard.example(i) for i in range(200)]
+    assert {f.kind for _, f, _ in got} == {"two", "count"}
+    for scene, facts, _ in got:  # scenes of the kind their captions say
+        assert len(scene.objects) == len(facts.objects) and describe(scene).kind in (facts.kind, "position")
+    assert sum(f.kind == "single" for _, f, _ in (plain.example(i) for i in range(200))) > 30
+    for bad in ("1,2", "1,2,3,x", "0,0,0,0", "1,-1,1,1", "1,nan,1,1"):
+        with pytest.raises(ValueError, match="caption-kind weights"):
+            kind_weights(bad)

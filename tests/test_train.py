@@ -177,6 +177,18 @@ def test_pool_refuses_a_pool_built_for_other_settings(tmp_path, tiny_vae, capsys
     assert main(cmd) == 2
     assert "built for another pool" in capsys.readouterr().err
     assert main(["train-vae", "--run-dir", str(tmp_path / "v"), "--preset", "tiny", "--pool", "4"]) == 2
+    # another caption-kind mix is another pool too
+    assert main(unet_cmd(tmp_path / "r", tiny_vae, 2, "--pool", "4", "--kinds", "1,3,3,3")) == 2
+    assert "built for another pool" in capsys.readouterr().err
+
+
+def test_kinds_only_for_the_shapes_world(tmp_path, capsys):
+    assert main(["train-vae", "--run-dir", str(tmp_path / "v"), "--data", str(tmp_path), "--kinds", "1,3,3,3",
+                 "--steps", "1"]) == 2
+    assert "not the Shapes world" in capsys.readouterr().err
+    assert main(["train-vae", "--run-dir", str(tmp_path / "w"), "--kinds", "1,3", "--steps", "1"]) == 2
+    assert "caption-kind weights" in capsys.readouterr().err
+    assert not (tmp_path / "v").exists() and not (tmp_path / "w").exists()
 
 
 def test_loss_weight_min_snr_and_floor():

@@ -115,6 +115,9 @@ def add_training_args(p: argparse.ArgumentParser, unet: bool) -> None:
                    help="run folder (checkpoints, log.jsonl, samples/); a rerun resumes from it")
     p.add_argument("--data", default="shapes",
                    help="'shapes' (the built-in world), a folder of images with .txt captions, or .tar shards")
+    p.add_argument("--kinds", default="", metavar="S,T,P,C",
+                   help="Shapes world: weights of its caption kinds single,two,position,count in the "
+                        "training mix (default the world's 3,2,3,2)")
     p.add_argument("--preset", default="shapes", help="architecture preset for a new model (default shapes)")
     p.add_argument("--init", help="start from this model (fine-tuning)" if unet else "start from this autoencoder")
     if not unet:
@@ -150,7 +153,7 @@ def add_training_args(p: argparse.ArgumentParser, unet: bool) -> None:
                    help="train at most N more steps in this invocation, then checkpoint and exit")
     o = p.add_argument_group("optimisation")
     for f in dataclasses.fields(TrainConfig):
-        if f.name in ("run", "data"):
+        if f.name in ("run", "data", "kinds"):
             continue
         kind = type(f.default)
         o.add_argument("--" + f.name.replace("_", "-"), type=finite_float if kind is float else kind,

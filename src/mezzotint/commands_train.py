@@ -28,6 +28,7 @@ def _train_config(args):
     import dataclasses
 
     from .config import TrainConfig
+    from .data.shapes import kind_weights
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     tc = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
     if tc.steps < 1 or tc.batch < 1 or tc.accum < 1:
@@ -48,6 +49,12 @@ def _train_config(args):
         raise UsageError(f"--high-noise is a share in [0, 1], got {tc.high_noise}")
     if not 0 <= tc.terminal <= 1:
         raise UsageError(f"--terminal is a share in [0, 1], got {tc.terminal}")
+    try:
+        kind_weights(tc.kinds)
+    except ValueError as e:
+        raise UsageError(f"--kinds: {e}") from None
+    if tc.kinds and tc.data != "shapes":
+        raise UsageError(f"--kinds weights the Shapes world's caption kinds; --data {tc.data} is not the Shapes world")
     if tc.precision not in ("fp32", "bf16", "fp16"):
         raise UsageError(f"unknown precision {tc.precision!r}; allowed: fp32, bf16, fp16")
     from .config import PRESETS

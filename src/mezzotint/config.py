@@ -147,6 +147,7 @@ PRESETS: dict[str, ModelConfig] = {
 class TrainConfig:
     run: str = "runs/default"  # run folder: checkpoints, log.jsonl, samples/; a rerun resumes here
     data: str = "shapes"  # "shapes", a folder of images with same-name .txt captions, or .tar shards (glob)
+    kinds: str = ""  # Shapes world only: caption-kind weights single,two,position,count ("" = the world's 3,2,3,2)
     size: int = 64  # training image side in pixels
     steps: int = 10_000  # optimizer steps
     batch: int = 32  # images per process per micro-step

@@ -241,11 +241,27 @@ def scene_for(facts: Facts, rng: random.Random) -> Scene:
     return Scene(tuple(_layout(looks, sizes, rng, accept, fixed)), facts.background or "white")
 
 
-def sample_scene(rng: random.Random, kind: str | None = None) -> tuple[Scene, Facts]:
-    """A random scene and the facts of a true canonical caption for it. A white
-    background is named half the time, others always; a single object's size one time
-    in three (else either size is drawn). facts.objects[k] describes scene.objects[k]."""
-    kind = kind or rng.choices(KINDS, weights=KIND_WEIGHTS)[0]
+def kind_weights(text: str) -> tuple[float, ...]:
+    """"1,3,3,3" -> weights of KINDS (single, two, position, count); "" -> KIND_WEIGHTS."""
+    if not text:
+        return KIND_WEIGHTS
+    try:
+        w = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        w = ()
+    if len(w) != len(KINDS) or not all(math.isfinite(x) and x >= 0 for x in w) or sum(w) <= 0:
+        raise ValueError(f"caption-kind weights are {len(KINDS)} numbers >= 0 ({','.join(KINDS)}), "
+                         f"not all zero, such as 1,3,3,3; got {text!r}")
+    return w
+
+
+def sample_scene(rng: random.Random, kind: str | None = None,
+                 weights: tuple[float, ...] = KIND_WEIGHTS) -> tuple[Scene, Facts]:
+    """A random scene and the facts of a true canonical caption for it; its kind drawn
+    with `weights` unless given. A white background is named half the time, others
+    always; a single object's size one time in three (else either size is drawn).
+    facts.objects[k] describes scene.objects[k]."""
+    kind = kind or rng.choices(KINDS, weights=weights)[0]
     background = rng.choices(list(BACKGROUNDS), weights=BACKGROUND_WEIGHTS)[0]
     named_bg = background if background != "white" or rng.random() < 0.5 else None
     colours, relation = list(COLOURS), None
@@ -323,15 +339,18 @@ class ShapesDataset(torch.utils.data.IterableDataset):
     """Endless seeded Shapes world: item i is a pure function of (seed, i), an
     (image uint8 (3, H, W), caption) pair. Iteration walks indices rank, rank +
     world_size, ... (further split across DataLoader workers), so ranks never overlap.
-    The scene of item i does not depend on `phrasing`, only its caption does."""
+    The scene of item i does not depend on `phrasing`, only its caption does. `kinds`
+    reweights the caption kinds (see kind_weights), for a training mix of the hard ones."""
 
-    def __init__(self, size: int = 64, seed: int = 0, phrasing: str = "train", rank: int = 0, world_size: int = 1):
+    def __init__(self, size: int = 64, seed: int = 0, phrasing: str = "train", rank: int = 0, world_size: int = 1,
+                 kinds: str = ""):
         if phrasing not in PHRASINGS:
             raise ValueError(f"unknown phrasing {phrasing!r}; allowed: {', '.join(PHRASINGS)}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
         self.size, self.seed, self.phrasing = size, seed, phrasing
         self.rank, self.world_size = rank, world_size
+        self.kinds = kind_weights(kinds)
 
     def example(self, i: int) -> tuple[Scene, Facts, str]:
         """Scene, canonical facts and caption of item i."""
@@ -339,7 +358,7 @@ class ShapesDataset(torch.utils.data.IterableDataset):
 
         if i < 0:
             raise IndexError(f"index {i} < 0")
-        scene, facts = sample_scene(random.Random(f"shapes-v1/{self.seed}/{i}"))
+        scene, facts = sample_scene(random.Random(f"shapes-v1/{self.seed}/{i}"), weights=self.kinds)
         rng = random.Random(f"shapes-v1/{self.seed}/{i}/caption")
         if self.phrasing == "canonical" or (self.phrasing == "train" and rng.random() < CANONICAL_SHARE):
             return scene, facts, canonical_caption(facts)

@@ -45,7 +45,7 @@ def train_vae(tc: TrainConfig, preset: str = "shapes", init: str | None = None,
         vae = None
         cfg = from_dict(VAEConfig, _stored_or(Path(tc.run), "vae_config.json",
                                              lambda: dataclasses.asdict(PRESETS[preset].vae)))
-    dataset = open_dataset(tc.data, tc.size, tc.seed)
+    dataset = open_dataset(tc.data, tc.size, tc.seed, tc.kinds)
     return train(VAETask(cfg, tc, dataset, vae, decoder_only), dataset, tc, d, stop_after=stop_after)
 
 
@@ -134,7 +134,7 @@ def train_unet(tc: TrainConfig, preset: str = "shapes", vae: str | None = None, 
         raise ValueError("a zero-terminal-SNR schedule needs v-prediction (--prediction v): at pure noise "
                          "a noise prediction says nothing about the image")
     text = load_text_encoder(cfg.text, base, d.device, torch.float32)
-    dataset = open_dataset(tc.data, tc.size, tc.seed)
+    dataset = open_dataset(tc.data, tc.size, tc.seed, tc.kinds)
     return train(UNetTask(cfg, tc, vae_model, text, d.device, unet), dataset, tc, d, stop_after=stop_after)
 
 

@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..checkpoints import atomic_write
+from ..data.shapes import kind_weights
 from ..vae import to_unit
 
 SHARD = 8192
@@ -135,6 +136,8 @@ def build(folder: Path, requested: int, dataset, vae, text, device, tc, d, progr
     items = _my_items(size, tc.batch, d.world, d.rank)
     meta = {"version": VERSION, "size": size, "batch": tc.batch, "world": d.world, "rank": d.rank,
             "data": tc.data, "image_size": tc.size, "seed": tc.seed, "vae": _fingerprint(vae)}
+    if tc.kinds:  # only when set, so pools built before --kinds existed stay valid
+        meta["kinds"] = ",".join(f"{w:g}" for w in kind_weights(tc.kinds))
 
     def encode(part):
         a, b, c = _encode(part, dataset, vae, text, device, tc.batch)
