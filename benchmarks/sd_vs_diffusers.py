@@ -78,19 +78,22 @@ def child_build(a) -> dict:
     folder, single = model_paths(a)
     if not (folder / "model_index.json").is_file():
         import diffusers
-        from transformers import CLIPTextConfig, CLIPTextModel
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-        from mezzotint.sd.tokenizer import clip_tokenizer
+        from mezzotint.sd.tokenizer import BOS, EOS, clip_vocab
         cfg = TINY if a.tiny else SD15
         torch.manual_seed(0)
         text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu",
                                             bos_token_id=49406, eos_token_id=49407, pad_token_id=1, **cfg["text"]))
+        vocab, merges = clip_vocab()  # diffusers wants transformers' tokenizer (mezzotint's is sd/clip.py)
+        tokenizer = CLIPTokenizer(vocab=dict(vocab), merges=[tuple(m.split()) for m in merges], bos_token=BOS,
+                                  eos_token=EOS, unk_token=EOS, pad_token=EOS, model_max_length=77)
         sched = diffusers.EulerDiscreteScheduler(
             num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
             prediction_type="epsilon", timestep_spacing="leading", steps_offset=1)
         pipe = diffusers.StableDiffusionPipeline(
             unet=diffusers.UNet2DConditionModel(**cfg["unet"]).eval(), vae=diffusers.AutoencoderKL(**cfg["vae"]).eval(),
-            text_encoder=text.eval(), tokenizer=clip_tokenizer(), scheduler=sched, safety_checker=None,
+            text_encoder=text.eval(), tokenizer=tokenizer, scheduler=sched, safety_checker=None,
             feature_extractor=None, requires_safety_checker=False)
         tmp = folder.with_name(folder.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)

@@ -36,8 +36,6 @@ def perturb(module: torch.nn.Module, seed: int) -> None:
 def reference_parts(variant: str, seed: int = 0):
     """diffusers' UNet / autoencoder, transformers' CLIP, a tokenizer from the shipped BPE, Euler."""
     from transformers import CLIPTextConfig, CLIPTextModel
-
-    from mezzotint.sd.tokenizer import clip_tokenizer
     v = VARIANTS[variant]
     torch.manual_seed(seed)
     unet = diffusers.UNet2DConditionModel(
@@ -58,8 +56,19 @@ def reference_parts(variant: str, seed: int = 0):
     sched = diffusers.EulerDiscreteScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         prediction_type=v["pred"], timestep_spacing="leading", steps_offset=1)
-    return dict(unet=unet.eval(), vae=vae.eval(), text_encoder=text.eval(), tokenizer=clip_tokenizer(v["pad"]),
+    return dict(unet=unet.eval(), vae=vae.eval(), text_encoder=text.eval(), tokenizer=hf_clip_tokenizer(v["pad"]),
                 scheduler=sched)
+
+
+def hf_clip_tokenizer(pad: str):
+    """transformers' CLIPTokenizer over the shipped vocabulary (the reference: mezzotint's own
+    is sd/clip.py's)."""
+    from transformers import CLIPTokenizer
+
+    from mezzotint.sd.tokenizer import BOS, EOS, clip_vocab
+    vocab, merges = clip_vocab()
+    return CLIPTokenizer(vocab=dict(vocab), merges=[tuple(m.split()) for m in merges], bos_token=BOS,
+                         eos_token=EOS, unk_token=EOS, pad_token=pad, model_max_length=77)
 
 
 def reference_pipeline(parts):

@@ -7,6 +7,7 @@ dropped; past `max_chunks` it is cut, with a warning.
 """
 from __future__ import annotations
 
+import os
 import warnings
 from collections import OrderedDict
 from pathlib import Path
@@ -171,16 +172,30 @@ class TextEncoder(nn.Module):
 def load_text_encoder(cfg: TextConfig, base: Path | None = None, device="cpu",
                       dtype=torch.float32) -> TextEncoder:
     """Load the encoder named by `cfg` from a local folder; never touches the network."""
-    import transformers
+    from . import bert
+    if cfg.kind not in ("bert", "clip"):
+        raise ValueError(f"unknown text encoder kind {cfg.kind!r}; allowed: 'bert', 'clip'")
+    path = resolve_path(cfg.path, base)
+    own = os.environ.get("MEZZOTINT_HF_TEXT", "0") != "1"
+    if own and cfg.kind == "bert" and bert.supports(path):
+        return TextEncoder(cfg, bert.WordPieceTokenizer(path), bert.load_model(path, dtype).to(device))
+    if own and cfg.kind == "clip" and (path / "model.safetensors").is_file():
+        from .sd import clip
+        from .sd.tensors import read_tensors
+        model = clip.from_folder(path, read_tensors(path / "model.safetensors")[0])
+        return TextEncoder(cfg, clip.CLIPTokenizer.from_folder(path), model.to(device=device, dtype=dtype))
+    try:  # other encoders (and MEZZOTINT_HF_TEXT=1, the reference path)
+        import transformers
+    except ImportError:
+        raise FileNotFoundError(f"text encoder {path}: not a BERT (with tokenizer.json) or CLIP (with "
+                                "model.safetensors) folder that mezzotint reads itself; others need transformers: "
+                                "pip install 'mezzotint[hf]'") from None
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
-    path = resolve_path(cfg.path, base)
     if cfg.kind == "clip":
         tokenizer = transformers.CLIPTokenizer.from_pretrained(path, local_files_only=True)
         model = transformers.CLIPTextModel.from_pretrained(path, local_files_only=True, torch_dtype=dtype)
-    elif cfg.kind == "bert":
+    else:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = transformers.AutoModel.from_pretrained(path, local_files_only=True, torch_dtype=dtype)
-    else:
-        raise ValueError(f"unknown text encoder kind {cfg.kind!r}; allowed: 'bert', 'clip'")
     return TextEncoder(cfg, tokenizer, model.to(device))

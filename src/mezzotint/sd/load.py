@@ -18,6 +18,7 @@ from ..config import ModelConfig, SampleDefaults, SchedulerConfig, UNetConfig, V
 from ..text import TextEncoder
 from ..unet import UNet
 from ..vae import AutoencoderKL
+from . import clip
 from . import keys as K
 from .dconfig import (
     PREDICTIONS,
@@ -77,27 +78,10 @@ def assemble(module: torch.nn.Module, table, src: dict, where, name: str, ignore
     return state
 
 
-def _meta_buffers(model, device):
-    # non-persistent buffers are not in the file and stay on meta: rebuild them
-    for name, buf in list(model.named_buffers()):
-        if buf.is_meta:
-            parent, _, leaf = name.rpartition(".")
-            if leaf != "position_ids":
-                raise ModelError(f"text encoder buffer {name} cannot be rebuilt")
-            owner = model.get_submodule(parent)
-            owner.register_buffer(leaf, torch.arange(buf.shape[-1], device=device).expand(1, -1), persistent=False)
-
-
 def build_clip(config_kwargs: dict, state_fn, device, dtype):
-    """A transformers CLIPTextModel on meta, filled by state_fn(model) -> our state dict."""
-    import transformers
-    transformers.utils.logging.set_verbosity_error()
-    cfg = transformers.CLIPTextConfig(**config_kwargs)
-    with torch.device("meta"):
-        model = transformers.CLIPTextModel(cfg)
-    model.load_state_dict(state_fn(model), strict=True, assign=True)
-    _meta_buffers(model, device)
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    """Our CLIPTextModel (sd/clip.py) filled by state_fn(model) -> its state dict."""
+    model = clip.build(clip.config(**config_kwargs), state_fn)
+    return model.to(device=device, dtype=dtype)
 
 
 def _text_dtype(device, dtype):
@@ -250,23 +234,20 @@ def _plan_diffusers(path: Path, prediction) -> tuple[dict, ModelConfig]:
 
 
 def load_diffusers(path, device="cpu", dtype=torch.float32, prediction=None):
-    import transformers
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
     path = Path(path)
     tc, cfg = _plan_diffusers(path, prediction)
     unet = _build(UNet, cfg.unet, _weights_in(path / "unet", cast=_cast(dtype)), "UNet", path / "unet", device, dtype)
     vae = _build(AutoencoderKL, cfg.vae, _weights_in(path / "vae", cast=_cast(dtype)), "VAE", path / "vae", device,
                  dtype)
     try:
-        model = transformers.CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True)
+        model = clip.from_folder(path / "text_encoder", _weights_in(path / "text_encoder", "model"))
+        model = model.to(device=device, dtype=_text_dtype(device, dtype))
         tok_dir = path / "tokenizer"
         sd2 = tc.get("hidden_act") == "gelu"  # OpenCLIP-derived (SD 2.x) pads with "!"
-        tok = (transformers.CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True) if tok_dir.is_dir()
+        tok = (clip.CLIPTokenizer.from_folder(tok_dir) if tok_dir.is_dir()
                else clip_tokenizer(PAD_SD2 if sd2 else PAD_SD1))
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{path}: cannot load the text encoder or tokenizer ({e})") from None
-    model = model.to(device=device, dtype=_text_dtype(device, dtype)).eval().requires_grad_(False)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelError(f"{path}: cannot load the text encoder or tokenizer ({type(e).__name__}: {e})") from None
     return unet, vae, TextEncoder(cfg.text, tok, model), cfg
 
 

@@ -43,8 +43,6 @@ def _publish(tmp: Path, dst: Path) -> Path:
 
 
 def _writing(dst, fill) -> Path:
-    import transformers
-    transformers.utils.logging.disable_progress_bar()  # save_pretrained's shard bar
     dst = Path(dst)
     tmp = _fresh(dst)
     try:

@@ -59,15 +59,10 @@ def write_tokenizer_files(folder) -> Path:
 
 
 def clip_tokenizer(pad: str = PAD_SD1):
-    """A transformers CLIPTokenizer over the shipped vocabulary; `pad` "!" for SD 2.x."""
-    import transformers
-    cls = transformers.CLIPTokenizer
-    kw = dict(bos_token=BOS, eos_token=EOS, unk_token=EOS, pad_token=pad, model_max_length=MAX_LENGTH)
-    if "vocab" in inspect.signature(cls.__init__).parameters:  # transformers >= 5: built in memory
-        vocab, merges = clip_vocab()
-        return cls(vocab=dict(vocab), merges=[tuple(m.split()) for m in merges], **kw)
-    with tempfile.TemporaryDirectory() as tmp:  # older versions read files
-        return cls.from_pretrained(write_tokenizer_files(tmp), **kw)
+    """CLIP's tokenizer over the shipped vocabulary (sd/clip.py); `pad` "!" for SD 2.x."""
+    from .clip import CLIPTokenizer
+    vocab, merges = clip_vocab()
+    return CLIPTokenizer(vocab, merges, pad=pad)
 
 
 def save_tokenizer(tokenizer, folder) -> Path:
