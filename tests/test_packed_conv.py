@@ -149,3 +149,56 @@ def test_pack_all_gives_a_row_the_same_bits_in_any_batch_and_at_any_thread_count
     assert packed(conv)
     assert torch.equal(alone, in_batch) and torch.equal(alone, two_threads)
     torch.testing.assert_close(alone, F.conv2d(x[3:4], conv.weight, conv.bias, padding=1), rtol=1e-5, atol=1e-5)
+
+
+bf16 = pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no oneDNN bf16 on this CPU")
+
+
+@bf16
+@pytest.mark.real_thresholds
+def test_prepack_packs_bf16_convs_once_for_every_input_size():
+    torch.manual_seed(0)
+    wide, narrow = mnn.Conv2d(256, 256, 3, padding=1), mnn.Conv2d(16, 16, 3, padding=1)
+    model = torch.nn.Sequential(wide, narrow).to(torch.bfloat16).eval()
+    refs = [torch.nn.Conv2d(c, c, 3, padding=1).to(torch.bfloat16) for c in (256, 16)]
+    for ref, conv in zip(refs, (wide, narrow)):
+        ref.load_state_dict(conv.state_dict())
+    assert mnn.prepack(model) == 2 and wide.has_pack() and narrow.has_pack()
+    packs = [conv.__dict__["_pack"][1] for conv in (wide, narrow)]
+    with torch.inference_mode():
+        for ref, conv, c in zip(refs, (wide, narrow), (256, 16)):
+            for size in (4, 40):  # 40x40 of 16 channels: the size rule alone would not pack
+                x = torch.randn(2, c, size, size).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+                assert conv.uses_pack(x)
+                torch.testing.assert_close(conv(x).float(), ref(x).float(), rtol=2e-2, atol=2e-2)
+    assert [conv.__dict__["_pack"][1] for conv in (wide, narrow)] == packs  # never packed again
+
+
+@bf16
+@pytest.mark.real_thresholds
+def test_a_prepacked_conv_whose_weights_change_follows_them():
+    narrow = mnn.Conv2d(16, 16, 3, padding=1).to(torch.bfloat16).eval()
+    mnn.prepack(narrow)
+    with torch.no_grad():
+        narrow.weight.mul_(2)  # a LoRA merge edits in place
+    x = torch.randn(2, 16, 40, 40).to(torch.bfloat16)
+    with torch.inference_mode():
+        assert not narrow.has_pack() and not narrow.uses_pack(x)  # back to the size rule: F.conv2d
+        torch.testing.assert_close(narrow(x).float(), F.conv2d(x, narrow.weight, narrow.bias, padding=1).float(),
+                                   rtol=2e-2, atol=2e-2)
+
+
+def test_prepack_leaves_float32_alone():
+    model = mnn.Conv2d(8, 8, 3, padding=1).eval()
+    assert mnn.prepack(model) == 0 and not packed(model)
+
+
+@bf16
+def test_pipeline_load_prepacks_large_bf16_unets_only(tiny_model, monkeypatch):
+    from mezzotint import Pipeline, pages
+    convs = lambda pipe: [m for m in pipe.unet.modules() if isinstance(m, mnn.Conv2d)]  # noqa: E731
+    assert not any(packed(c) for c in convs(Pipeline.load(tiny_model, "cpu", "bfloat16")))  # small: by size
+    assert not any(packed(c) for c in convs(Pipeline.load(tiny_model, "cpu", "float32")))
+    monkeypatch.setattr(pages, "STREAM_MIN_BYTES", 0)  # the tiny model counts as large
+    pipe = Pipeline.load(tiny_model, "cpu", "bfloat16")
+    assert convs(pipe) and all(c.has_pack() for c in convs(pipe))

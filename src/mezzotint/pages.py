@@ -89,7 +89,7 @@ def release(t: torch.Tensor) -> int:
 STREAM_MIN_BYTES = 256 << 20
 
 
-def _nbytes(m: torch.nn.Module) -> int:
+def nbytes(m: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in m.parameters())
 
 
@@ -128,7 +128,7 @@ def stream(model: torch.nn.Module, min_bytes: int | None = None) -> list:
     for CPU models of at least `min_bytes`, default STREAM_MIN_BYTES). Returns the hook
     handles (remove() undoes it)."""
     least = STREAM_MIN_BYTES if min_bytes is None else min_bytes
-    if not sys.platform.startswith("linux") or _nbytes(model) < least:
+    if not sys.platform.startswith("linux") or nbytes(model) < least:
         return []
     handles = []
     for m in model.modules():
@@ -141,3 +141,24 @@ def stream(model: torch.nn.Module, min_bytes: int | None = None) -> list:
 def release_model(model: torch.nn.Module) -> int:
     """Give back all of `model`'s clean file pages now. Returns the bytes given back."""
     return _Releaser(_releasable(model.parameters())).run()
+
+
+def keep_freed_memory() -> None:
+    """Ask glibc's malloc to keep freed blocks instead of handing them back to the kernel.
+    A training step or a UNet call frees and allocates the same activations every time; by
+    default each large block is a fresh mmap, whose pages the kernel must fault in and zero
+    again (seen: 3 M page faults and 13 % system time in 40 autoencoder steps, against 0.4 M
+    with this; SD 1.5 bf16 at 256x256, a warm image: 214 k faults against 8 k). Memory stays
+    at the step's peak, which the process reaches anyway. Training and CPU inference
+    (Pipeline.load) turn it on. No-op off glibc."""
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+    mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's largest: blocks above it are still mapped
+    mallopt(M_TRIM_THRESHOLD, 1 << 30)
+    mallopt(M_TOP_PAD, 64 << 20)

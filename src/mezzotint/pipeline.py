@@ -16,6 +16,7 @@ from PIL import Image
 from . import checkpoints, graphs, pages
 from .config import ModelConfig
 from .diffusion import SAMPLERS, CFGDenoiser, Denoiser, generators, get_sigmas, randn
+from .nn import prepack
 from .text import TextEncoder, load_text_encoder
 from .vae import to_uint8
 
@@ -221,6 +222,10 @@ class Pipeline:
         if dev.type == "cpu" and os.environ.get("MEZZOTINT_STREAM_WEIGHTS", "0") == "1":
             for m in (text, unet, vae):  # large models: only the part that runs stays resident
                 pages.stream(m)
+        if dev.type == "cpu":
+            pages.keep_freed_memory()  # each call's activations reuse the last call's pages
+            if dt == torch.bfloat16 and pages.nbytes(unet) >= pages.STREAM_MIN_BYTES:
+                prepack(unet)  # small models (the default one, NCHW at 16x16) keep packing by size
         return cls(unet, vae, text, cfg, dev, dt, str(Path(path).resolve()))
 
     @property
