@@ -211,10 +211,9 @@ def prepack(model: nn.Module) -> int:
     they then run packed at every input size. Measured on AMX (SD 1.5): a bf16 weight packed
     for one input size runs as fast, with the same result, at any other, and packed beats
     F.conv2d channels-last at every SD shape (320 channels at 64x64: 4.7 against 4.9 ms).
-    Packing the UNet's 1.17 GB in its first call took 2.3-3.2 s; right after the load,
-    0.6-0.9 s (the same work: fresh pages are slow on these VMs for a few seconds after a
-    large load, and the first call fell inside that window). float32 keeps packing lazily
-    by size, so exact mode runs as before. Returns the convs packed."""
+    The work moves, it does not shrink (SD 1.5's 1.17 GB of packs: 2-3 s, in the load now):
+    a server's first request is as fast as the rest. float32 keeps packing lazily by size,
+    so exact mode runs as before. Returns the convs packed."""
     if not (_PACKED_CONV and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
         return 0
     n = 0
