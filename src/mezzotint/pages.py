@@ -151,7 +151,6 @@ def keep_freed_memory() -> None:
     with this; SD 1.5 bf16 at 256x256, a warm image: 214 k faults against 8 k). Memory stays
     at the step's peak, which the process reaches anyway. Training and CPU inference
     (Pipeline.load) turn it on. No-op off glibc."""
-    import ctypes
     import ctypes.util
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
