@@ -157,10 +157,13 @@ class Conv2d(nn.Conv2d):
     # batch and at any thread count, so guidance's passes can run side by side.
     pack_all = False
 
+    def can_pack(self) -> bool:
+        """This layer's kind of conv has a packed path (any input; uses_pack decides per call)."""
+        return _PACKED_CONV and self.packable and self.padding_mode == "zeros" and not isinstance(self.padding, str)
+
     def uses_pack(self, x) -> bool:
         w = self.weight
-        if not (_PACKED_CONV and self.packable and x.dim() == 4 and self.padding_mode == "zeros"
-                and not isinstance(self.padding, str) and _cpu_inference(x, w)):
+        if not (x.dim() == 4 and self.can_pack() and _cpu_inference(x, w)):
             return False
         if self.pack_all or (x.dtype == torch.bfloat16 and self.has_pack()):
             return True  # bf16 (channels-last from 32x32 on): a pack is faster at every size (prepack)
@@ -219,8 +222,7 @@ def prepack(model: nn.Module) -> int:
     n = 0
     for m in model.modules():
         w = getattr(m, "weight", None)
-        if (isinstance(m, Conv2d) and m.packable and m.padding_mode == "zeros" and not isinstance(m.padding, str)
-                and w is not None and w.device.type == "cpu" and w.dtype == torch.bfloat16):
+        if isinstance(m, Conv2d) and m.can_pack() and w.device.type == "cpu" and w.dtype == torch.bfloat16:
             m._packed((1, m.in_channels, 8, 8))  # any size will do (above)
             n += 1
     return n
