@@ -1,6 +1,7 @@
 """Training-step speed of the default model's architecture on the CPU, side by side: what the
-two always-on training settings contribute (train/loop.py keep_freed_memory, and the UNet's
-channels-last input in train/tasks.py), and bf16 autocast against fp32.
+always-on training settings contribute (train/loop.py keep_freed_memory, the UNet's
+channels-last input in train/tasks.py, and the cross-attention's keys and values made for the
+whole batch at once in training, nn.Attention), and bf16 autocast against fp32.
 
 Each mode runs in a fresh process (malloc settings hold for a whole process), the modes
 alternating over --rounds rounds; each process times --steps optimizer steps (forward,
@@ -9,6 +10,7 @@ backward, AdamW) after 3 warm-up steps on fixed random inputs of the training sh
 Prints the median images/s of each mode and its ratio to the first.
 
     python benchmarks/train_speed.py [--part unet|vae] [--rounds 3] [--steps 8] [--attention-levels 1,2]
+        [--modes 0,2,4]   (indices into the list of modes: a subset, e.g. without bf16 where it is slow)
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ import time
 MODES = {
     "unet": {"plain": {}, "keep-freed": {"malloc": True},
              "keep-freed + channels-last (shipped)": {"malloc": True, "cl": True},
-             "... + bf16": {"malloc": True, "cl": True, "bf16": True}},
+             "... + bf16": {"malloc": True, "cl": True, "bf16": True},
+             "shipped, context k/v row by row (before)": {"malloc": True, "cl": True, "rows": True}},
     "vae": {"plain": {}, "keep-freed (shipped fp32)": {"malloc": True},
             "keep-freed + bf16": {"malloc": True, "bf16": True},
             "keep-freed + channels-last": {"malloc": True, "cl": True}},
@@ -41,7 +44,11 @@ def child(part: str, opts: dict, steps: int, threads: int, levels: tuple) -> flo
     torch.manual_seed(0)
     cl = torch.channels_last if opts.get("cl") else torch.contiguous_format
     if part == "unet":
+        from mezzotint.nn import Attention
         from mezzotint.unet import UNet
+        if opts.get("rows"):  # the inference path, one small matmul per caption, as training ran before
+            Attention._context_kv = lambda self, c: (torch.stack([self.to_k(r) for r in c]),
+                                                     torch.stack([self.to_v(r) for r in c]))
         model = UNet(dataclasses.replace(PRESETS["shapes"].unet, attention_levels=levels))
         B = 64
         x = torch.randn(B, 8, 16, 16).contiguous(memory_format=cl)
@@ -78,13 +85,20 @@ def main():
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--attention-levels", default="0,1,2", help="UNet levels with transformers")
+    p.add_argument("--modes", help="comma-separated indices of the modes to run (default: all)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
         levels = tuple(int(v) for v in a.attention_levels.split(","))
         print(json.dumps(child(a.part, MODES[a.part][a.child], a.steps, a.threads, levels)))
         return
-    rates = {m: [] for m in MODES[a.part]}
+    names = list(MODES[a.part])
+    if a.modes:
+        try:
+            names = [names[int(i)] for i in a.modes.split(",")]
+        except (ValueError, IndexError):
+            p.error(f"--modes takes indices 0..{len(names) - 1}, comma-separated; got {a.modes!r}")
+    rates = {m: [] for m in names}
     for _ in range(a.rounds):
         for mode in rates:
             out = subprocess.run([sys.executable, __file__, "--part", a.part, "--child", mode, "--steps",
@@ -98,7 +112,7 @@ def main():
     for mode, r in rates.items():
         med = statistics.median(r)
         first = first or med
-        print(f"  {mode:>38}: {med:6.1f} images/s  ({med / first:.2f}x plain)  runs: "
+        print(f"  {mode:>42}: {med:6.1f} images/s  ({med / first:.2f}x the first)  runs: "
               + ", ".join(f"{v:.1f}" for v in r))
 
 
