@@ -150,6 +150,28 @@ def test_cross_attention_keeps_keys_and_values_while_tokens_and_weights_stay():
     assert attn.to_k.weight.grad is not None
 
 
+def test_training_makes_keys_and_values_for_the_batch_at_once():
+    """Training computes the text tokens' keys and values in one call for the batch; the result
+    and its gradients match the row-by-row inference path."""
+    from mezzotint.nn import Attention
+    torch.manual_seed(0)
+    attn = Attention(32, 2, 16, context_dim=384).train()
+    x, ctx = torch.randn(8, 10, 32), torch.randn(8, 5, 384)
+    calls = []
+    attn.to_k.register_forward_hook(lambda *a: calls.append(1))
+    out = attn(x, ctx)
+    assert len(calls) == 1
+    out.square().sum().backward()
+    grad = attn.to_k.weight.grad.clone()
+    attn.zero_grad()
+    attn.eval()  # with autograd but in eval mode: row by row, as inference
+    rows = attn(x, ctx)
+    assert len(calls) == 1 + 8
+    rows.square().sum().backward()
+    torch.testing.assert_close(out, rows, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, attn.to_k.weight.grad, rtol=1e-4, atol=1e-6)
+
+
 def test_keys_and_values_kept_for_both_guidance_passes():
     """Guidance's passes, side by side, alternate two prompts' tokens: both stay kept."""
     from mezzotint.nn import KEPT_ENTRIES, Attention
