@@ -27,6 +27,8 @@ def packed(conv) -> bool:
                                 dict(kernel_size=1), dict(kernel_size=3, padding=1, bias=False)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_conv_equals_torch_conv(kw, dtype):
+    if dtype == torch.bfloat16 and not mnn._ONEDNN_BF16:
+        pytest.skip("this CPU has no bf16 packed convs (needs AVX512 BW/VL/DQ or AVX-NE-CONVERT)")
     torch.manual_seed(0)
     conv = mnn.Conv2d(6, 10, **kw).to(dtype)
     ref = torch.nn.Conv2d(6, 10, **kw).to(dtype)
@@ -41,6 +43,25 @@ def test_packed_conv_equals_torch_conv(kw, dtype):
                 assert out.is_contiguous(memory_format=torch.channels_last) == (xx.dim() == 4 and xx is not x) \
                     or out.is_contiguous()
     assert packed(conv)
+
+
+def test_bf16_runs_on_any_cpu(monkeypatch):
+    """Where oneDNN has no bf16 (an AVX2 CPU), bf16 inference takes F.conv2d and F.linear
+    instead of failing in oneDNN."""
+    monkeypatch.setattr(mnn, "_ONEDNN_BF16", False)
+    monkeypatch.setattr(mnn, "ONEDNN_MIN_MACS", 0)
+    lin = mnn.Linear(6, 10).to(torch.bfloat16)
+    with torch.inference_mode():
+        y = torch.randn(3, 6).to(torch.bfloat16)
+        torch.testing.assert_close(lin(y), F.linear(y, lin.weight, lin.bias), rtol=0, atol=0)
+    torch.manual_seed(0)
+    conv = mnn.Conv2d(6, 10, 3, padding=1).to(torch.bfloat16)
+    x = torch.randn(2, 6, 9, 9).to(torch.bfloat16)
+    with torch.inference_mode():
+        out = conv(x)
+    assert not packed(conv)
+    torch.testing.assert_close(out, F.conv2d(x, conv.weight, conv.bias, padding=1), rtol=0, atol=0)
+    assert mnn.prepack(torch.nn.Sequential(conv)) == 0
 
 
 @pytest.mark.real_thresholds
