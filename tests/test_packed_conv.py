@@ -10,6 +10,8 @@ from mezzotint import nn as mnn
 from mezzotint.pages import release
 
 pytestmark = pytest.mark.skipif(not mnn._PACKED_CONV, reason="this PyTorch has no packed oneDNN convs")
+bf16 = pytest.mark.skipif(not mnn.ONEDNN_BF16,
+                          reason="no oneDNN bf16 on this CPU (needs AVX512 BW/VL/DQ or AVX-NE-CONVERT)")
 
 
 @pytest.fixture(autouse=True)
@@ -25,10 +27,8 @@ def packed(conv) -> bool:
 
 @pytest.mark.parametrize("kw", [dict(kernel_size=3, padding=1), dict(kernel_size=3, stride=2, padding=0),
                                 dict(kernel_size=1), dict(kernel_size=3, padding=1, bias=False)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=bf16)])
 def test_packed_conv_equals_torch_conv(kw, dtype):
-    if dtype == torch.bfloat16 and not mnn._ONEDNN_BF16:
-        pytest.skip("this CPU has no bf16 packed convs (needs AVX512 BW/VL/DQ or AVX-NE-CONVERT)")
     torch.manual_seed(0)
     conv = mnn.Conv2d(6, 10, **kw).to(dtype)
     ref = torch.nn.Conv2d(6, 10, **kw).to(dtype)
@@ -48,7 +48,7 @@ def test_packed_conv_equals_torch_conv(kw, dtype):
 def test_bf16_runs_on_any_cpu(monkeypatch):
     """Where oneDNN has no bf16 (an AVX2 CPU), bf16 inference takes F.conv2d and F.linear
     instead of failing in oneDNN."""
-    monkeypatch.setattr(mnn, "_ONEDNN_BF16", False)
+    monkeypatch.setattr(mnn, "ONEDNN_BF16", False)
     monkeypatch.setattr(mnn, "ONEDNN_MIN_MACS", 0)
     lin = mnn.Linear(6, 10).to(torch.bfloat16)
     with torch.inference_mode():
@@ -170,9 +170,6 @@ def test_pack_all_gives_a_row_the_same_bits_in_any_batch_and_at_any_thread_count
     assert packed(conv)
     assert torch.equal(alone, in_batch) and torch.equal(alone, two_threads)
     torch.testing.assert_close(alone, F.conv2d(x[3:4], conv.weight, conv.bias, padding=1), rtol=1e-5, atol=1e-5)
-
-
-bf16 = pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no oneDNN bf16 on this CPU")
 
 
 @bf16

@@ -28,12 +28,12 @@ ONEDNN_MIN_MACS = 1 << 24
 PACK_MIN_RATIO = 2  # packed convs: weight elements per input element, at least (measured on SD's shapes)
 # oneDNN's bf16 GEMM and conv packing need AVX512 (BW, VL, DQ) or AVX-NE-CONVERT: on an AVX2
 # CPU both raise, so bf16 stays on PyTorch's own ops there
-_ONEDNN_BF16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+ONEDNN_BF16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def _cpu_inference(x: torch.Tensor, w: torch.Tensor) -> bool:
     """x and w are float32 (or bfloat16, where oneDNN has it) on the CPU and no gradient will be asked of them."""
-    return (x.device.type == "cpu" and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _ONEDNN_BF16))
+    return (x.device.type == "cpu" and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and ONEDNN_BF16))
             and w.dtype == x.dtype
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)))
 
@@ -221,7 +221,7 @@ def prepack(model: nn.Module) -> int:
     The work moves, it does not shrink (SD 1.5's 1.17 GB of packs: 2-3 s, in the load now):
     a server's first request is as fast as the rest. float32 keeps packing lazily by size,
     so exact mode runs as before. Returns the convs packed."""
-    if not (_PACKED_CONV and _ONEDNN_BF16):
+    if not (_PACKED_CONV and ONEDNN_BF16):
         return 0
     n = 0
     for m in model.modules():

@@ -16,7 +16,7 @@ from PIL import Image
 from . import checkpoints, graphs, pages
 from .config import ModelConfig
 from .diffusion import SAMPLERS, CFGDenoiser, Denoiser, generators, get_sigmas, randn
-from .nn import prepack
+from .nn import ONEDNN_BF16, prepack
 from .request import MAX_CANDIDATES, MAX_SEED, Request, check_request, defaults_for  # noqa: F401 (re-exported)
 from .text import TextEncoder, load_text_encoder
 from .vae import to_uint8
@@ -57,7 +57,7 @@ def native_bf16(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return ONEDNN_BF16
     return False
 
 
