@@ -39,8 +39,10 @@ PROMPT, SEED, CFG = "a photograph of an astronaut riding a horse", 42, 7.5
 TARGETS = {"time": 0.87, "rss": 0.70, "unet": 0.90,  # mezzotint/diffusers <=, <=; share of matmul peak >=
            "fast_time": 1 / 3, "fast_error": 0.02}  # fast/diffusers <=; relative L2 error per call <=
 
-# mezzotint's modes: the dtype argument of Pipeline.load
-MODES = {"exact": "float32", "fast": "fast"}
+# mezzotint's modes: the dtype argument of Pipeline.load; exact-resident is exact with every weight
+# kept resident (MEZZOTINT_STREAM_WEIGHTS=0, set in its children only: what exact did before
+# streaming was the default)
+MODES = {"exact": "float32", "exact-resident": "float32", "fast": "fast"}
 
 # diffusers' UNet2DConditionModel defaults are SD 1.5's but for cross_attention_dim
 SD15 = dict(unet=dict(sample_size=64, cross_attention_dim=768),
@@ -141,6 +143,8 @@ def warm(a, generate) -> dict:
 
 def mezzotint_pipeline(a):
     from mezzotint.pipeline import Pipeline
+    if a.mode == "exact-resident":
+        os.environ["MEZZOTINT_STREAM_WEIGHTS"] = "0"
     return Pipeline.load(model_paths(a)[1], "cpu", MODES[a.mode])
 
 
@@ -156,7 +160,8 @@ def child_mezzotint(a) -> dict:
     image = generate()
     t2 = time.perf_counter()
     image.save(a.png)
-    return {"load_s": t1 - t0, "generate_s": t2 - t1, **warm(a, generate), **peak_rss_mib()}
+    stopped = {k: s.stopped for k, s in pipe.streams.items() if s.stopped}  # streaming given up, and why
+    return {"load_s": t1 - t0, "generate_s": t2 - t1, **warm(a, generate), **peak_rss_mib(), "stopped": stopped}
 
 
 def child_unet(a) -> dict:
@@ -279,17 +284,18 @@ def bench_size(a, size: int, tmp: Path) -> list[bool]:
             res = run_child(a, role, size=size, png=png, **extra)
             runs[n].append({**res, "png": png})
             second = f"  second image {res['warm_s']:6.1f} s" if a.warm else ""
-            print(f"  {size}px run {r + 1}/{a.runs} {n:<16} load {res['load_s']:6.1f} s  generate "
-                  f"{res['generate_s']:7.1f} s{second}  VmHWM {res['hwm_mib']:7.0f} MiB", flush=True)
+            stopped = "".join(f"\n    {k} stopped streaming: {why}" for k, why in res.get("stopped", {}).items())
+            print(f"  {size}px run {r + 1}/{a.runs} {n:<24} load {res['load_s']:6.1f} s  generate "
+                  f"{res['generate_s']:7.1f} s{second}  VmHWM {res['hwm_mib']:7.0f} MiB{stopped}", flush=True)
     keys = ("load_s", "generate_s", *(("warm_s",) if a.warm else ()), "hwm_mib", "maxrss_mib")
     med = {n: {k: (max if k.endswith("mib") else statistics.median)(x[k] for x in rs) for k in keys}
            for n, rs in runs.items()}
     print(f"\n{size}x{size}, {a.steps} Euler steps, cfg {CFG}, {a.threads} threads: medians of {a.runs} runs, "
           f"largest peak memory")
-    print(f"  {'':<18}{'generate s':>11}{'load s':>9}{'VmHWM MiB':>11}{'maxrss MiB':>12}"
+    print(f"  {'':<26}{'generate s':>11}{'load s':>9}{'VmHWM MiB':>11}{'maxrss MiB':>12}"
           f"{'second image s':>16}" * a.warm)
     for n, m in med.items():
-        print(f"  {n:<18}{m['generate_s']:>11.2f}{m['load_s']:>9.2f}{m['hwm_mib']:>11.0f}{m['maxrss_mib']:>12.0f}"
+        print(f"  {n:<26}{m['generate_s']:>11.2f}{m['load_s']:>9.2f}{m['hwm_mib']:>11.0f}{m['maxrss_mib']:>12.0f}"
               + (f"{m['warm_s']:>16.2f}" if a.warm else ""))
     met, d = [], med["diffusers"]
     for mode in a.modes:

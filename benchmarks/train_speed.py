@@ -1,7 +1,8 @@
 """Training-step speed of the default model's architecture on the CPU, side by side: what the
 always-on training settings contribute (train/loop.py keep_freed_memory, the UNet's
 channels-last input in train/tasks.py, and the cross-attention's keys and values made for the
-whole batch at once in training, nn.Attention), and bf16 autocast against fp32.
+whole batch at once in training, nn.Attention), bf16 autocast against fp32, and torch.compile
+(its compile, minutes, falls in the warm-up steps and is not timed).
 
 Each mode runs in a fresh process (malloc settings hold for a whole process), the modes
 alternating over --rounds rounds; each process times --steps optimizer steps (forward,
@@ -26,7 +27,8 @@ MODES = {
     "unet": {"plain": {}, "keep-freed": {"malloc": True},
              "keep-freed + channels-last (shipped)": {"malloc": True, "cl": True},
              "... + bf16": {"malloc": True, "cl": True, "bf16": True},
-             "shipped, context k/v row by row (before)": {"malloc": True, "cl": True, "rows": True}},
+             "shipped, context k/v row by row (before)": {"malloc": True, "cl": True, "rows": True},
+             "shipped + torch.compile": {"malloc": True, "cl": True, "compile": True}},
     "vae": {"plain": {}, "keep-freed (shipped fp32)": {"malloc": True},
             "keep-freed + bf16": {"malloc": True, "bf16": True},
             "keep-freed + channels-last": {"malloc": True, "cl": True}},
@@ -63,6 +65,12 @@ def child(part: str, opts: dict, steps: int, threads: int, levels: tuple) -> flo
         noise = torch.randn(B, 8, 16, 16)
         forward = lambda: (model(x, noise)[0].float() - x).abs().mean()  # noqa: E731
     opt = torch.optim.AdamW(model.parameters(), 1e-4)
+    if opts.get("compile"):
+        net = torch.compile(model)
+        if part == "unet":
+            forward = lambda: (net(x, t, ctx, mask).float() - x).pow(2).mean()  # noqa: E731
+        else:
+            forward = lambda: (net(x, noise)[0].float() - x).abs().mean()  # noqa: E731
 
     def step():
         with torch.autocast("cpu", torch.bfloat16, enabled=bool(opts.get("bf16"))):

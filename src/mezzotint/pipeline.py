@@ -100,6 +100,7 @@ class Pipeline:
         self._applied: list[tuple[tuple[str, float], object]] = []  # ((path, weight), undo handle)
         self._lora_hashes: dict[str, str] = {}
         self.warm = False  # a run has finished: see denoise
+        self.streams: dict[str, pages.Stream] = {}  # parts whose weights stream (Pipeline.load)
 
     # -- LoRA ----------------------------------------------------------------------------------
 
@@ -139,6 +140,9 @@ class Pipeline:
         from .sd import is_sd_checkpoint, load_sd
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
+        mode = os.environ.get("MEZZOTINT_STREAM_WEIGHTS", "auto")  # checked before the weights are read
+        if mode not in ("auto", "0", "1"):
+            raise ValueError(f"MEZZOTINT_STREAM_WEIGHTS={mode!r}: use auto (the default), 1 (always) or 0 (never)")
         if is_sd_checkpoint(path):  # Stable Diffusion single file or diffusers folder
             unet, vae, text, cfg = load_sd(path, dev, dt)
         else:
@@ -148,16 +152,21 @@ class Pipeline:
         # fp16 overflows in the autoencoder's decoder (a known SD issue); keep it in fp32
         if dt == torch.float16:
             vae = vae.float()
-        # opt-in: where the kernel pages out cold page cache (DAMON reclaim, memory pressure)
-        # every call reads the weights from disk again (SD 1.5 on this project's VMs: 1.8x slower)
-        if dev.type == "cpu" and os.environ.get("MEZZOTINT_STREAM_WEIGHTS", "0") == "1":
-            for m in (text, unet, vae):  # large models: only the part that runs stays resident
-                pages.stream(m)
+        streams = {}
+        if dev.type == "cpu" and mode != "0":
+            # large models: only the part that runs stays resident. auto stops where the page
+            # cache does not keep what was given back (it would be read from disk every call)
+            for name, m in (("text", text), ("unet", unet), ("vae", vae)):
+                s = pages.stream(m, watch=mode == "auto", name=name)
+                if s is not None:
+                    streams[name] = s
         if dev.type == "cpu":
             pages.keep_freed_memory()  # each call's activations reuse the last call's pages
             if dt == torch.bfloat16 and pages.nbytes(unet) >= pages.STREAM_MIN_BYTES:
                 prepack(unet)  # small models (the default one, NCHW at 16x16) keep packing by size
-        return cls(unet, vae, text, cfg, dev, dt, str(Path(path).resolve()))
+        pipe = cls(unet, vae, text, cfg, dev, dt, str(Path(path).resolve()))
+        pipe.streams = streams
+        return pipe
 
     @property
     def model_hash(self) -> str:
