@@ -62,8 +62,18 @@ def _present(start: int, end: int, page: int) -> np.ndarray | None:
     return present if bool((~present | (e & _FILE != 0)).all()) else None
 
 
+def _lib():
+    """libc, with the argument types of the calls used here (set once)."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        _libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+    return _libc
+
+
 def _page_range(t: torch.Tensor) -> tuple[int, int, int, int, int]:
-    page = os.sysconf("SC_PAGE_SIZE")
+    page = PAGE
     lo = t.data_ptr()
     hi = lo + t.numel() * t.element_size()
     return lo, hi, -(-lo // page) * page, hi // page * page, page  # whole pages only: edges may be shared
@@ -72,15 +82,11 @@ def _page_range(t: torch.Tensor) -> tuple[int, int, int, int, int]:
 def _drop(t: torch.Tensor) -> tuple[int, np.ndarray | None]:
     """madvise DONTNEED t's whole pages unless one of them is a private (written) copy.
     (bytes given back, which of those pages were resident)."""
-    global _libc
     _, _, start, end, page = _page_range(t)
     present = _present(start, end, page) if end > start else None
     if present is None:
         return 0, None
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    return (end - start, present) if _libc.madvise(start, end - start, _MADV_DONTNEED) == 0 else (0, None)
+    return (end - start, present) if _lib().madvise(start, end - start, _MADV_DONTNEED) == 0 else (0, None)
 
 
 def _usable(t: torch.Tensor) -> bool:
@@ -121,9 +127,6 @@ class _Releaser:
         self.tensors, self.mapped, self.given = tensors, {}, 0
         self.resident: dict[int, np.ndarray] = {}  # per tensor: the pages resident when last given back
 
-    def hook(self, *_):  # a forward hook: returns None, so the module's output stands
-        self.run()
-
     def run(self) -> int:
         maps, total = None, 0
         try:
@@ -148,16 +151,12 @@ def _cached(t: torch.Tensor) -> np.ndarray | None:
     """Which whole pages of t the page cache holds now, mapped or not (mincore; bool per
     page). Linux answers for unmapped pages of a file only to those who own it or may write
     it; for others they read as absent, which errs on the side of keeping them resident."""
-    global _libc
     _, _, start, end, page = _page_range(t)
     n = (end - start) // page
     if n <= 0:
         return None
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    _libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
     vec = bytearray(n)
-    if _libc.mincore(start, end - start, (ctypes.c_char * n).from_buffer(vec)) != 0:
+    if _lib().mincore(start, end - start, (ctypes.c_char * n).from_buffer(vec)) != 0:
         return None
     return np.frombuffer(vec, dtype=np.uint8) & 1 != 0  # bit 0: resident; the others are reserved
 
