@@ -8,7 +8,8 @@ Random weights with SD 1.5's shapes (about 1.1 B parameters, fp32) are built onc
 (mezzotint loads it). No download needed; --tiny uses a shrunken model instead.
 
 Diffusers and mezzotint runs alternate, each in a fresh process, with the same prompt, seed,
-initial latent, Euler sampler, steps, cfg 7.5 and all cores. Measured:
+initial latent, Euler sampler, steps, cfg 7.5 and all cores; each starts with its model files
+read into the page cache (read_through). Measured:
   - load time (library import + from_pretrained / Pipeline.load) and the time to generate
     the first image (text encoding, sampling, decoding: a cold process, as a CLI user sees it);
     with --warm also a second image in the same process (a server's case);
@@ -274,6 +275,19 @@ def image_diff(png_a, png_b) -> float:
     return float(np.abs(a - b).mean())  # in 1/255
 
 
+def read_through(path: Path) -> None:
+    """Reads every file under `path` into the page cache. Before each run, so that each starts
+    from the same cache, whatever ran before it: this workplace's machines page out file
+    pages left idle for a minute (DAMON), and the model read during the other contender's run
+    was found cold (a 5 s slower load and first step), warm when a mezzotint mode ran right
+    after another mezzotint mode."""
+    for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
+        if f.is_file():
+            with open(f, "rb", buffering=0) as fh:
+                while fh.read(64 << 20):
+                    pass
+
+
 def bench_size(a, size: int, tmp: Path) -> list[bool]:
     """Alternating runs at one size; prints its table, returns whether each target is met."""
     contenders = {"diffusers": ("diffusers", {}), **{f"mezzotint {m}": ("mezzotint", {"mode": m}) for m in a.modes}}
@@ -281,6 +295,7 @@ def bench_size(a, size: int, tmp: Path) -> list[bool]:
     for r in range(a.runs):
         for n, (role, extra) in contenders.items():
             png = tmp / f"{size}-{n.replace(' ', '-')}-{r}.png"
+            read_through(model_paths(a)[0 if role == "diffusers" else 1])
             res = run_child(a, role, size=size, png=png, **extra)
             runs[n].append({**res, "png": png})
             second = f"  second image {res['warm_s']:6.1f} s" if a.warm else ""

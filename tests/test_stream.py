@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_packed_conv import rss_of
 
-from mezzotint import pages
+from mezzotint import graphs, nn, pages
 from mezzotint.pipeline import Pipeline, Request
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pages are given back on Linux only")
@@ -111,6 +111,33 @@ def test_streamed_stable_diffusion_gives_the_same_image(monkeypatch):
         big = [p for p in model.unet.parameters() if p.nbytes >= 64 * 1024 and id(p) not in packed]
         share = sum(rss_of(p) for p in big) / sum(p.nbytes for p in big)
         assert share >= most if model is plain else share <= most
+
+
+@pytest.mark.skipif(not nn._PACKED_CONV, reason="no packed convs in this PyTorch build")
+def test_streamed_unet_drops_its_packs_before_decoding(monkeypatch):
+    """A streamed UNet frees its convs' packed copies before the autoencoder decodes (its
+    activations would sit on top of them); the next image packs again, same bits."""
+    from test_sd_common import saved
+    _, single = saved("sd1")
+    monkeypatch.setattr(nn, "ONEDNN_MIN_MACS", 0)  # the tiny model's convs pack as SD's do
+    monkeypatch.setattr(nn, "PACK_MIN_RATIO", 0)
+    monkeypatch.setattr(graphs, "MAX_PARAMS", 0)  # and it runs eager, as large models do (no traces)
+    req = Request("a red lighthouse", seed=3, steps=2, sampler="euler", cfg=7.5, width=64, height=64)
+    seen = []
+
+    def packs(*_, **__):
+        seen.append(sum("_pack" in m.__dict__ for m in pipe.unet.modules()))
+    images = {}
+    for mode in ("0", "auto"):
+        monkeypatch.setenv("MEZZOTINT_STREAM_WEIGHTS", mode)
+        monkeypatch.setattr(pages, "STREAM_MIN_BYTES", 0)
+        pipe = Pipeline.load(single, "cpu")
+        seen.clear()
+        images[mode] = [pipe(req, callback=packs)[0].image.tobytes() for _ in range(2)]
+        left = sum("_pack" in m.__dict__ for m in pipe.unet.modules())
+        assert min(seen) > 0  # packed while sampling, in both modes
+        assert left == (0 if mode == "auto" else seen[-1])
+    assert images["0"][0] == images["0"][1] == images["auto"][0] == images["auto"][1]
 
 
 def test_stream_setting_is_checked(monkeypatch):

@@ -263,6 +263,16 @@ def release_model(model: torch.nn.Module) -> int:
     return _Releaser(_releasable(model.parameters())).run()
 
 
+def trim() -> None:
+    """Hand malloc's free blocks back to the kernel now (glibc's malloc_trim), those that
+    keep_freed_memory keeps: after a large free (drop_packs) that should leave the process's
+    memory. No-op off glibc."""
+    try:
+        ctypes.CDLL(None).malloc_trim(ctypes.c_size_t(0))
+    except (OSError, AttributeError):
+        pass
+
+
 def keep_freed_memory() -> None:
     """Ask glibc's malloc to keep freed blocks instead of handing them back to the kernel.
     A training step or a UNet call frees and allocates the same activations every time; by

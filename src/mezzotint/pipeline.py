@@ -16,7 +16,7 @@ from PIL import Image
 from . import checkpoints, graphs, pages
 from .config import ModelConfig
 from .diffusion import SAMPLERS, CFGDenoiser, Denoiser, generators, get_sigmas, randn
-from .nn import ONEDNN_BF16, prepack
+from .nn import ONEDNN_BF16, drop_packs, prepack
 from .request import MAX_CANDIDATES, MAX_SEED, Request, check_request, defaults_for  # noqa: F401 (re-exported)
 from .text import TextEncoder, load_text_encoder
 from .vae import to_uint8
@@ -329,6 +329,9 @@ class Pipeline:
             x = self.choose_noise(x, sigmas, cond, gens, req.layout_candidates)
         # strength below 1 / steps runs no step at all: the image's own latent comes back
         latent = x if len(sigmas) < 2 else self.denoise(x, sigmas, req, cond, uncond, gens, callback, keep=keep)
+        unet = self.streams.get("unet")
+        if unet is not None and unet.stopped is None and drop_packs(self.unet):
+            pages.trim()  # the decoder's activations take the packs' place, not a place beside them
         images = self.decode(latent)
         return [Result(img, replace(req.for_image(k), prompt=p), latent[k].cpu())
                 for k, (img, p) in enumerate(zip(images, prompts))]
