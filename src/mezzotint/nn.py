@@ -234,7 +234,7 @@ def prepack(model: nn.Module) -> int:
 
 def drop_packs(model: nn.Module) -> int:
     """Frees the packed copies of `model`'s convs; the next call packs again from the weights
-    (SD 1.5: about 3 s). A streamed UNet drops them before the autoencoder decodes: its 2 GB
+    (SD 1.5: 1-3 s). A streamed UNet drops them before the autoencoder decodes: its 2 GB
     of packs would otherwise sit under the decoder's activations, the image's peak at 512x512.
     Returns the convs whose packs were dropped."""
     n = 0
