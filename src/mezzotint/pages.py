@@ -268,7 +268,7 @@ def trim() -> None:
     keep_freed_memory keeps: after a large free (drop_packs) that should leave the process's
     memory. No-op off glibc."""
     try:
-        ctypes.CDLL(None).malloc_trim(ctypes.c_size_t(0))
+        _lib().malloc_trim(ctypes.c_size_t(0))
     except (OSError, AttributeError):
         pass
 
