@@ -177,3 +177,29 @@ def test_bf16_inference_runs_channels_last_and_answers_in_the_usual_layout(tiny_
         assert ((a.float() - b.float()).norm() / b.float().norm()) < 0.02
     with torch.enable_grad():
         assert not mnn.channels_last_wanted(x)
+
+
+def test_float32_decoder_runs_large_latents_channels_last(tiny_pipe, monkeypatch):
+    """float32 CPU decoding of latents from 64x64 on runs channels-last (faster at full
+    resolution), answers contiguous and agrees with the NCHW decode to float32 rounding;
+    smaller latents and training keep NCHW."""
+    import mezzotint.vae as mvae
+    vae = tiny_pipe.vae
+    c = tiny_pipe.unet.cfg.in_channels
+    z = torch.randn(1, c, 64, 64, generator=torch.Generator().manual_seed(0))
+    assert not mvae.decode_channels_last(z)  # gradients: NCHW
+    with torch.no_grad():
+        assert mvae.decode_channels_last(z) and not mvae.decode_channels_last(z[..., :32, :32])
+    seen = []
+    real = mnn.Conv2d.forward
+    monkeypatch.setattr(mnn.Conv2d, "forward", lambda self, h: seen.append(
+        not h.is_contiguous()) or real(self, h))
+    with torch.inference_mode():
+        img = vae.decode(z)
+        assert seen and any(seen)
+        monkeypatch.setattr(mvae, "decode_channels_last", lambda z: False)
+        seen.clear()
+        ref = vae.decode(z)
+        assert seen and not any(seen)
+    assert img.is_contiguous() and img.shape == ref.shape
+    assert (img - ref).abs().max() < 1e-4 and not torch.equal(img, torch.zeros_like(img))
