@@ -169,7 +169,7 @@ def test_bf16_inference_runs_channels_last_and_answers_in_the_usual_layout(tiny_
         assert out.is_contiguous() and img.is_contiguous()
         import mezzotint.vae
         for where in (mnn, mezzotint.vae):
-            monkeypatch.setattr(where, "channels_last_wanted", lambda x: False)
+            monkeypatch.setattr(where, "channels_last_wanted", lambda x, *a: False)
         seen.clear()
         ref, ref_img = unet(x, t, ctx.to(torch.bfloat16), mask), vae.decode(x[:1])
         assert seen and not any(only for _, only in seen)

@@ -81,18 +81,20 @@ def kept(owner: nn.Module, slot: str, weights, inputs: tuple, compute):
     return out
 
 
-CHANNELS_LAST_MIN_PIXELS = 32 * 32  # SD's latent at 256x256
+# the smallest latent (height * width) run channels-last, per dtype; other dtypes keep NCHW
+CHANNELS_LAST_MIN_PIXELS = {torch.bfloat16: 32 * 32}  # SD's latent at 256x256
 
 
-def channels_last_wanted(x: torch.Tensor) -> bool:
+def channels_last_wanted(x: torch.Tensor, min_pixels: dict = CHANNELS_LAST_MIN_PIXELS) -> bool:
     """bfloat16 inference on the CPU runs in channels-last: oneDNN's bf16 convs (AMX, AVX512-BF16)
     want it, and in NCHW each conv pays a reorder of its activations each way (SD 1.5 at 256x256,
-    AMX: a UNet call 0.45 -> 0.40 s, the decoder 0.94 -> 0.40 s). float32 keeps NCHW, so the
-    exact mode's kernels, and its agreement with diffusers, stay as they are. Small latents keep
-    NCHW too: the default model's 16x16 ones, bound by per-op overhead, lost (one image 239 ->
-    284 ms in bf16)."""
-    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 4
-            and x.shape[-1] * x.shape[-2] >= CHANNELS_LAST_MIN_PIXELS and not torch.is_grad_enabled())
+    AMX: a UNet call 0.45 -> 0.40 s, the decoder 0.94 -> 0.40 s). float32 keeps NCHW by default,
+    so the exact mode's kernels, and its agreement with diffusers, stay as they are (the decoder
+    passes its own sizes: vae.DECODE_CHANNELS_LAST_MIN_PIXELS). Small latents keep NCHW too: the
+    default model's 16x16 ones, bound by per-op overhead, lost (one image 239 -> 284 ms in bf16)."""
+    least = min_pixels.get(x.dtype)
+    return (least is not None and x.device.type == "cpu" and x.dim() == 4
+            and x.shape[-1] * x.shape[-2] >= least and not torch.is_grad_enabled())
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import VAEConfig
-from .nn import Attention, Conv2d, Downsample, ResBlock, Upsample, channels_last_wanted
+from .nn import (CHANNELS_LAST_MIN_PIXELS, Attention, Conv2d, Downsample, ResBlock, Upsample,
+                 channels_last_wanted)
 
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:
@@ -24,17 +25,17 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x.float() + 1) * 127.5).clamp(0, 255).round().to(torch.uint8)
 
 
-DECODE_CHANNELS_LAST_MIN_PIXELS = 64 * 64  # SD's latent at 512x512
+# float32 from SD's latent at 512x512, bfloat16 as everywhere
+DECODE_CHANNELS_LAST_MIN_PIXELS = {**CHANNELS_LAST_MIN_PIXELS, torch.float32: 64 * 64}
 
 
 def decode_channels_last(z: torch.Tensor) -> bool:
-    """float32 decoding of large latents on the CPU runs channels-last, as bfloat16 does from
-    32x32 (nn.channels_last_wanted): at full resolution F.conv2d in NCHW ran 108-125 GFLOP/s,
-    channels-last 129-148 (AVX2, 2 cores), and SD 1.5's decoder at 512x512 took 23.3-24.2 s
-    against 26.8-26.9 s, 5e-5 from the NCHW result at most. Smaller latents keep NCHW
-    (not measured there, and the default model's 16x16 ones are bound by per-op overhead)."""
-    return (z.dtype == torch.float32 and z.device.type == "cpu" and z.dim() == 4
-            and z.shape[-1] * z.shape[-2] >= DECODE_CHANNELS_LAST_MIN_PIXELS and not torch.is_grad_enabled())
+    """float32 decoding of large latents on the CPU runs channels-last too, as bfloat16 does from
+    32x32: at full resolution F.conv2d in NCHW ran 108-125 GFLOP/s, channels-last 129-148
+    (AVX2, 2 cores), and SD 1.5's decoder at 512x512 took 23.3-24.2 s against 26.8-26.9 s,
+    5e-5 from the NCHW result at most. Smaller float32 latents keep NCHW (not measured there,
+    and the default model's 16x16 ones are bound by per-op overhead)."""
+    return channels_last_wanted(z, DECODE_CHANNELS_LAST_MIN_PIXELS)
 
 
 class MidAttention(Attention):
@@ -162,7 +163,7 @@ class AutoencoderKL(nn.Module):
     def decode(self, latent):
         """UNet latent -> image in about [-1, 1]."""
         z = latent / self.cfg.scaling_factor + self.cfg.shift_factor
-        cl = channels_last_wanted(z) or decode_channels_last(z)
+        cl = decode_channels_last(z)
         out = self.decoder(self.post_quant_conv(z.contiguous(memory_format=torch.channels_last) if cl else z))
         return out.contiguous() if cl else out
 
