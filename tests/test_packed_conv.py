@@ -95,6 +95,23 @@ def test_weights_changed_in_place_are_packed_again():
     assert not torch.allclose(before, after)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=bf16)])
+def test_1x1_convs_are_packed_again_for_another_input_size_and_3x3_ones_are_not(dtype):
+    # a 1x1 pack made for 8x8 and run at 4x4 was 50-250x slower (nn.Conv2d.pack_size)
+    one, three = mnn.Conv2d(64, 32, 1).to(dtype), mnn.Conv2d(64, 32, 3, padding=1).to(dtype)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    with torch.inference_mode():
+        for conv in (one, three):
+            conv(torch.randn(2, 64, 8, 8).to(dtype))
+        first = [conv.__dict__["_pack"][2] for conv in (one, three)]
+        for conv, padding in ((one, 0), (three, 1)):
+            x = torch.randn(2, 64, 4, 4).to(dtype)
+            torch.testing.assert_close(conv(x).float(), F.conv2d(x, conv.weight, conv.bias, padding=padding).float(),
+                                       **tol)
+    assert one.__dict__["_pack"][1] == (4, 4) and one.__dict__["_pack"][2] is not first[0]
+    assert three.__dict__["_pack"][1] is None and three.__dict__["_pack"][2] is first[1]
+
+
 def test_a_module_with_a_pack_can_be_copied():
     conv = mnn.Conv2d(4, 5, 3, padding=1)
     x = torch.randn(1, 4, 6, 6)
@@ -182,14 +199,14 @@ def test_prepack_packs_bf16_convs_once_for_every_input_size():
     for ref, conv in zip(refs, (wide, narrow)):
         ref.load_state_dict(conv.state_dict())
     assert mnn.prepack(model) == 2 and wide.has_pack() and narrow.has_pack()
-    packs = [conv.__dict__["_pack"][1] for conv in (wide, narrow)]
+    packs = [conv.__dict__["_pack"][2] for conv in (wide, narrow)]
     with torch.inference_mode():
         for ref, conv, c in zip(refs, (wide, narrow), (256, 16)):
             for size in (4, 40):  # 40x40 of 16 channels: the size rule alone would not pack
                 x = torch.randn(2, c, size, size).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
                 assert conv.uses_pack(x)
                 torch.testing.assert_close(conv(x).float(), ref(x).float(), rtol=2e-2, atol=2e-2)
-    assert [conv.__dict__["_pack"][1] for conv in (wide, narrow)] == packs  # never packed again
+    assert [conv.__dict__["_pack"][2] for conv in (wide, narrow)] == packs  # never packed again
 
 
 @bf16

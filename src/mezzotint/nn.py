@@ -181,6 +181,13 @@ class Conv2d(nn.Conv2d):
         cached = self.__dict__.get("_pack")
         return cached is not None and cached[0] == weight_key(self.weight)
 
+    def pack_size(self, input_size) -> tuple | None:
+        """The input size a pack is good for: any (None) for a 3x3 conv, only its own for a 1x1.
+        A 1x1 pack run at another size took 2-250x as long (AMD Zen 4, bf16 and float32: made
+        for 8x8 and run at 4x4, SD 1.5's lowest level at 256x256, 134 ms against 0.6), so those
+        are packed again when the size changes (their weights are small: SD 1.5's, 0.1 GB)."""
+        return tuple(input_size[-2:]) if self.kernel_size == (1, 1) else None
+
     def forward(self, x):
         if self.uses_pack(x):
             args = list(self.padding), list(self.stride), list(self.dilation), self.groups
@@ -199,20 +206,20 @@ class Conv2d(nn.Conv2d):
 
     def _packed(self, input_size):
         w = self.weight
-        key = weight_key(w)  # in-place edits (LoRA merges) change it
+        key = weight_key(w), self.pack_size(input_size)  # in-place edits (LoRA merges) change it
         cached = self.__dict__.get("_pack")
-        if cached is None or cached[0] != key:
+        if cached is None or cached[:2] != key:
             with _PACKING:  # guidance's other pass, side by side, waits rather than packs twice
                 cached = self.__dict__.get("_pack")
-                if cached is None or cached[0] != key:
+                if cached is None or cached[:2] != key:
                     with torch.no_grad():
                         packed = _reorder(w.detach(), list(self.padding), list(self.stride), list(self.dilation),
                                           self.groups, list(input_size))
-                    self.__dict__["_pack"] = cached = (key, packed)
+                    self.__dict__["_pack"] = cached = (*key, packed)
                     if not self.pack_all:  # a small model's copies are small; finding its
                         # mapped pages cost 4 ms a conv (most of a cold image's packing)
                         release(w)  # weights mapped from a file: the packed copy takes their place in memory
-        return cached[1]
+        return cached[2]
 
 
 def prepack(model: nn.Module) -> int:
@@ -229,7 +236,7 @@ def prepack(model: nn.Module) -> int:
     for m in model.modules():
         w = getattr(m, "weight", None)
         if isinstance(m, Conv2d) and m.can_pack() and w.device.type == "cpu" and w.dtype == torch.bfloat16:
-            m._packed((1, m.in_channels, 8, 8))  # any size will do (above)
+            m._packed((1, m.in_channels, 8, 8))  # any size will do for 3x3 (1x1: see pack_size)
             n += 1
     return n
 
