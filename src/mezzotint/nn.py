@@ -224,9 +224,10 @@ class Conv2d(nn.Conv2d):
 
 def prepack(model: nn.Module) -> int:
     """Packs the convs of a bfloat16 CPU model now, at load, rather than in its first call;
-    they then run packed at every input size. Measured on AMX (SD 1.5): a bf16 weight packed
-    for one input size runs as fast, with the same result, at any other, and packed beats
-    F.conv2d channels-last at every SD shape (320 channels at 64x64: 4.7 against 4.9 ms).
+    they then run packed at every input size. Measured on AMX (SD 1.5): a bf16 3x3 weight packed
+    for one input size runs as fast, with the same result, at any other (a 1x1 does not: it is
+    packed again for its first size, see Conv2d.pack_size), and packed beats F.conv2d
+    channels-last at every SD shape (320 channels at 64x64: 4.7 against 4.9 ms).
     The work moves, it does not shrink (SD 1.5's 1.17 GB of packs: 2-3 s, in the load now):
     a server's first request is as fast as the rest. float32 keeps packing lazily by size,
     so exact mode runs as before. Returns the convs packed."""
