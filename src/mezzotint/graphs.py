@@ -178,7 +178,7 @@ def _pack_key(model: nn.Module) -> tuple:
 
 def _packs(model: nn.Module) -> list[torch.Tensor]:
     packs = (m.__dict__.get("_pack") for m in _info(model)[4])
-    return [p[2] for p in packs if p is not None]
+    return [p.packed for p in packs if p is not None]
 
 
 def _inline(graph):

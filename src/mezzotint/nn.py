@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 import threading
-from typing import List, Optional
+from typing import List, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -126,6 +126,13 @@ _PACKED_CONV = (_ONEDNN and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 _PACKING = threading.Lock()
 
 
+class Pack(NamedTuple):
+    """A conv's packed weights and what they were made for (Conv2d._packed)."""
+    weights: tuple  # weight_key of the weights packed
+    size: tuple | None  # the input size they hold for, None: any (Conv2d.pack_size)
+    packed: torch.Tensor
+
+
 def _reorder(w, padding, stride, dilation, groups, input_size):
     """w packed into oneDNN's layout for inputs of input_size. Straight from the dense tensor
     where PyTorch has the op: to_mkldnn() first made a temporary copy of the weight. (The time
@@ -179,7 +186,7 @@ class Conv2d(nn.Conv2d):
     def has_pack(self) -> bool:
         """A packed copy of the current weights exists (none after a LoRA merge, until the next pack)."""
         cached = self.__dict__.get("_pack")
-        return cached is not None and cached[0] == weight_key(self.weight)
+        return cached is not None and cached.weights == weight_key(self.weight)
 
     def pack_size(self, input_size) -> tuple | None:
         """The input size a pack is good for: any (None) for a 3x3 conv, only its own for a 1x1.
@@ -208,18 +215,18 @@ class Conv2d(nn.Conv2d):
         w = self.weight
         key = weight_key(w), self.pack_size(input_size)  # in-place edits (LoRA merges) change it
         cached = self.__dict__.get("_pack")
-        if cached is None or cached[:2] != key:
+        if cached is None or (cached.weights, cached.size) != key:
             with _PACKING:  # guidance's other pass, side by side, waits rather than packs twice
                 cached = self.__dict__.get("_pack")
-                if cached is None or cached[:2] != key:
+                if cached is None or (cached.weights, cached.size) != key:
                     with torch.no_grad():
                         packed = _reorder(w.detach(), list(self.padding), list(self.stride), list(self.dilation),
                                           self.groups, list(input_size))
-                    self.__dict__["_pack"] = cached = (*key, packed)
+                    self.__dict__["_pack"] = cached = Pack(*key, packed)
                     if not self.pack_all:  # a small model's copies are small; finding its
                         # mapped pages cost 4 ms a conv (most of a cold image's packing)
                         release(w)  # weights mapped from a file: the packed copy takes their place in memory
-        return cached[2]
+        return cached.packed
 
 
 def prepack(model: nn.Module) -> int:
